@@ -1,0 +1,1 @@
+"""The ``qflux`` command line (Typer)."""

@@ -1,0 +1,38 @@
+"""Entry point of the ``qflux`` command: builds the Typer app and turns user errors into exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from qflux.cli import config_cmd, plugins_cmd
+from qflux.errors import UserError
+
+app = typer.Typer(
+    name="qflux",
+    help="LoRA training for image-editing diffusion models (FLUX.1 Kontext, Qwen-Image-Edit).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(plugins_cmd.app, name="plugins")
+app.add_typer(config_cmd.app, name="config")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors.")) -> None:
+    """qflux: train LoRAs for image-editing models."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="qflux")
+    except UserError as err:
+        if debug:
+            raise
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {err}", markup=True)
+        sys.exit(err.exit_code)

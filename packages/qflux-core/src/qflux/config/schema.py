@@ -1,0 +1,124 @@
+"""The typed config schema (DESIGN section 4). Unknown keys are rejected everywhere (``extra="forbid"``)."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init: Literal["gaussian", "default", "pissa", "olora"] = "gaussian"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class ModelConfig(Section):
+    pretrained: str = "builtin:tiny"  # diffusers folder | hub id | builtin:tiny
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    quantize: str | None = None  # a registered quantizer name (qflux-quant: nf4, fp4, int8, fp8)
+    quantize_skip: list[str] = Field(default_factory=lambda: ["norm", "embed", "proj_out"])
+    gradient_checkpointing: bool = False
+    guidance: float = 1.0  # guidance embedding value during training (FLUX.1 Kontext-dev)
+    max_sequence_length: int | None = Field(None, ge=1)  # prompt tokens; None: the trainer's default
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+Resolution = Union[int, tuple[int, int], list[tuple[int, int]]]
+
+
+class DataConfig(Section):
+    path: str = "builtin:shapes"  # folder | .csv/.jsonl manifest | hf:OWNER/NAME[:split] | builtin:shapes
+    resolution: Resolution = 512  # int = pixel budget of a square (keep aspect); [h, w] = fixed; list = buckets
+    resize: Literal["budget", "fixed", "buckets"] | None = None  # None: derived from the resolution's form
+    control_resolution: int | None = None  # pixel budget side for control images (None: as the target)
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    columns: dict[str, str] = Field(default_factory=dict)  # HF datasets: qflux name -> column name
+    holdout: int = Field(0, ge=0)  # samples kept out of training for the validation loss
+    max_aspect: float = Field(4.0, gt=1.0)  # longer/shorter side above this is reported as a bad sample
+    num_samples: int = Field(24, ge=2)  # builtin:shapes size
+    workers: int = Field(0, ge=0)
+
+    @field_validator("resolution")
+    @classmethod
+    def _sides_multiple_of_16(cls, v: Resolution) -> Resolution:
+        sides = [v] if isinstance(v, int) else list(v) if isinstance(v, tuple) else [s for hw in v for s in hw]
+        for s in sides:
+            if s < 16 or s % 16:
+                raise ValueError(f"sides must be multiples of 16 and at least 16, got {s}")
+        return v
+
+
+class CacheConfig(Section):
+    enabled: bool = True
+    dir: str = ".qflux-cache"
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1.0e-4, gt=0)
+    optimizer: str = "adamw"  # adamw | adamw8bit | prodigy-like import path "pkg.module.Class"
+    optimizer_args: dict[str, object] = Field(default_factory=dict)
+    weight_decay: float = Field(1.0e-4, ge=0)
+    scheduler: str = "constant"  # diffusers.optimization.get_scheduler names
+    warmup_steps: int = Field(0, ge=0)
+    timestep_sampling: Literal["uniform", "logit_normal", "sigmoid", "shift", "flux_shift"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    shift: float = Field(3.0, gt=0)  # for "shift"; "flux_shift" derives it from the token count
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    save_every: int = Field(250, ge=0)  # 0 = only the final export
+    keep_checkpoints: int = Field(3, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    log_every: int = Field(1, ge=1)
+
+
+class MaskWeighting(Section):
+    foreground: float = Field(2.0, ge=0)
+    background: float = Field(1.0, ge=0)
+
+
+class LossConfig(Section):
+    mask_weighting: MaskWeighting = Field(default_factory=MaskWeighting)
+
+
+class ValidationSample(Section):
+    control: list[str] = Field(default_factory=list)
+    prompt: str
+    target: str | None = None  # optional: shown in the grid
+    negative_prompt: str = ""
+
+
+class ValidationConfig(Section):
+    every: int = Field(100, ge=0)  # 0 = off
+    steps: int = Field(20, ge=1)
+    seed: int = 0
+    guidance: float = 2.5
+    true_cfg: float = 1.0
+    samples: list[ValidationSample] = Field(default_factory=list)
+    from_holdout: int = Field(0, ge=0)  # also sample this many held-out data samples
+
+
+class OutputConfig(Section):
+    dir: str = "runs/my_run"
+
+
+class QfluxConfig(Section):
+    trainer: str = "kontext"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)

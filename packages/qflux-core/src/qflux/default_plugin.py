@@ -1,0 +1,21 @@
+"""The core's own hook implementations, registered before any plugin: the default loss."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qflux.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from qflux.config.schema import LossConfig
+    from qflux.types import Batch, NoisyInput
+
+
+@hookimpl(trylast=True)
+def qflux_loss(prediction: torch.Tensor, noisy: NoisyInput, batch: Batch, loss: LossConfig) -> torch.Tensor:
+    from qflux.loss import flow_matching_loss
+
+    weights = loss.mask_weighting
+    return flow_matching_loss(prediction, noisy.target, batch.mask, weights.foreground, weights.background)

@@ -1,0 +1,181 @@
+"""The one place that builds the plugin manager and the trainer / quantizer registries.
+
+Plugins are found through the entry-point group ``qflux``. A plugin that fails to import is recorded as
+broken (name, package, error) instead of crashing the CLI. ``QFLUX_LOAD_PLUGINS=a,b`` (entry-point names)
+restricts loading to those plugins; set it to an empty string to load none.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from qflux import hookspecs
+from qflux.errors import PluginError
+from qflux.types import QuantizerInfo, TrainerInfo
+
+ENTRY_POINT_GROUP = "qflux"
+ALLOW_LIST_ENV = "QFLUX_LOAD_PLUGINS"
+
+# Trainers the qflux project publishes, so that an unknown name can say what to install.
+KNOWN_TRAINERS = {
+    "kontext": "qflux-kontext",
+    "qwen-edit": "qflux-qwen",
+    "qwen-edit-plus": "qflux-qwen",
+    "qwen-edit-2511": "qflux-qwen",
+}
+KNOWN_QUANTIZERS = {"nf4": "qflux-quant", "fp4": "qflux-quant", "int8": "qflux-quant", "fp8": "qflux-quant"}
+
+
+@dataclass
+class PluginRecord:
+    """What ``qflux plugins list`` shows for one plugin."""
+
+    name: str
+    package: str
+    version: str
+    hooks: list[str] = field(default_factory=list)
+    trainers: list[str] = field(default_factory=list)
+    quantizers: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        if self.trainers:
+            return "trainer"
+        if self.quantizers:
+            return "quantizer"
+        return "other"
+
+
+@dataclass
+class BrokenPlugin:
+    name: str
+    package: str
+    error: str
+
+
+@dataclass
+class Registry:
+    """The loaded plugins and what they registered."""
+
+    pm: pluggy.PluginManager
+    plugins: list[PluginRecord]
+    broken: list[BrokenPlugin]
+    trainers: dict[str, TrainerInfo]
+    quantizers: dict[str, QuantizerInfo]
+    provider: dict[str, str]  # "trainer:NAME" / "quantizer:NAME" -> package
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def trainer(self, name: str) -> TrainerInfo:
+        """The registered trainer ``name``, or a ``PluginError`` that says what to install."""
+        if name in self.trainers:
+            return self.trainers[name]
+        installed = ", ".join(sorted(self.trainers)) or "none"
+        msg = f"unknown trainer '{name}' (installed trainers: {installed})"
+        if name in KNOWN_TRAINERS:
+            msg += f"; it is provided by the package {KNOWN_TRAINERS[name]}: pip install {KNOWN_TRAINERS[name]}"
+        raise PluginError(msg)
+
+    def quantizer(self, name: str) -> QuantizerInfo:
+        if name in self.quantizers:
+            return self.quantizers[name]
+        installed = ", ".join(sorted(self.quantizers)) or "none"
+        msg = f"unknown quantizer '{name}' for model.quantize (installed: {installed})"
+        if name in KNOWN_QUANTIZERS:
+            msg += f"; it is provided by {KNOWN_QUANTIZERS[name]}: pip install {KNOWN_QUANTIZERS[name]}"
+        raise PluginError(msg)
+
+
+def _allow_list() -> set[str] | None:
+    raw = os.environ.get(ALLOW_LIST_ENV)
+    if raw is None:
+        return None
+    return {p.strip() for p in raw.split(",") if p.strip()}
+
+
+def _distribution_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "?", "?"
+    return dist.metadata["Name"], dist.version
+
+
+def build_registry(extra_plugins: list[tuple[str, object]] = (), load_entry_points: bool = True) -> Registry:
+    """Build the plugin manager from entry points (plus ``extra_plugins`` as ``(name, plugin)``, for tests)."""
+    from qflux import default_plugin
+
+    pm = pluggy.PluginManager("qflux")
+    pm.add_hookspecs(hookspecs)
+    pm.register(default_plugin, name="qflux.default")
+    records: list[PluginRecord] = []
+    broken: list[BrokenPlugin] = []
+    loaded: list[tuple[object, PluginRecord]] = []
+
+    allow = _allow_list()
+    if load_entry_points:
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if allow is not None and ep.name not in allow:
+                continue
+            package, version = _distribution_of(ep)
+            if pm.get_plugin(ep.name) is not None:  # the same entry point seen twice (duplicate install)
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as err:  # noqa: BLE001 - any import failure must be reported, not raised
+                broken.append(BrokenPlugin(ep.name, package, f"{type(err).__name__}: {err}"))
+                continue
+            loaded.append((plugin, PluginRecord(ep.name, package, version)))
+    for name, plugin in extra_plugins:
+        loaded.append((plugin, PluginRecord(name, getattr(plugin, "__package__", None) or name, "0")))
+
+    trainers: dict[str, TrainerInfo] = {}
+    quantizers: dict[str, QuantizerInfo] = {}
+    provider: dict[str, str] = {}
+
+    for plugin, record in loaded:
+        try:
+            pm.register(plugin, name=record.name)
+        except Exception as err:  # noqa: BLE001 - e.g. a misspelt hook name (pluggy validation)
+            broken.append(BrokenPlugin(record.name, record.package, f"{type(err).__name__}: {err}"))
+            continue
+        record.hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or [])
+
+        def register_trainer(info: TrainerInfo, record: PluginRecord = record) -> None:
+            _claim(info.name, "trainer", record.package, provider, trainers)
+            trainers[info.name] = info
+            record.trainers.append(info.name)
+
+        def register_quantizer(info: QuantizerInfo, record: PluginRecord = record) -> None:
+            _claim(info.name, "quantizer", record.package, provider, quantizers)
+            quantizers[info.name] = info
+            record.quantizers.append(info.name)
+
+        for impl in _impls(pm, plugin, "qflux_register_trainers"):
+            impl(register=register_trainer)
+        for impl in _impls(pm, plugin, "qflux_register_quantizers"):
+            impl(register=register_quantizer)
+        records.append(record)
+
+    return Registry(pm, records, broken, trainers, quantizers, provider)
+
+
+def _impls(pm: pluggy.PluginManager, plugin: object, hook_name: str) -> list[Any]:
+    caller = getattr(pm.hook, hook_name)
+    return [impl.function for impl in caller.get_hookimpls() if impl.plugin is plugin]
+
+
+def _claim(name: str, kind: str, package: str, provider: dict[str, str], existing: dict[str, Any]) -> None:
+    key = f"{kind}:{name}"
+    if name in existing:
+        raise PluginError(
+            f"{kind} name '{name}' is registered by two packages: {provider[key]} and {package}; "
+            f"uninstall one or limit loading with {ALLOW_LIST_ENV}"
+        )
+    provider[key] = package

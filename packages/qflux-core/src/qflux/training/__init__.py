@@ -1,0 +1,1 @@
+"""The model-agnostic training engine: batching, timesteps, LoRA, checkpoints and the loop."""

@@ -1,0 +1,168 @@
+"""Typed data that crosses hook boundaries.
+
+Shapes use: B batch, N target tokens, Nc control tokens, C packed channels (latent channels x 4 for the
+2x2 packing), L prompt tokens, D prompt width. A token grid ``(h, w)`` is the latent grid halved by the
+packing, i.e. ``(H / 16, W / 16)`` for an image of ``H x W`` pixels and a VAE factor of 8.
+
+Nothing here imports torch at module import so that ``qflux plugins list`` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL.Image import Image
+
+    from qflux.config.schema import ModelConfig
+
+Grid = tuple[int, int]
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass(frozen=True)
+class TrainerInfo:
+    """A trainer a plugin provides (handed to ``register`` in ``qflux_register_trainers``)."""
+
+    name: str  # the value of the config key ``trainer``
+    family: str  # model family, e.g. "flux-kontext"; a LoRA trained for one family fits no other
+    description: str
+    pipeline: str  # import path of the diffusers pipeline used for sampling and LoRA export
+    default_model: str = ""  # hub id of the real model this trainer targets
+    max_controls: int = 1  # how many control images one sample may carry
+
+
+@dataclass(frozen=True)
+class QuantizerInfo:
+    """A quantization backend a plugin provides (``qflux_register_quantizers``)."""
+
+    name: str  # the value of the config key ``model.quantize``
+    description: str
+    requires: tuple[str, ...] = ()  # pip distributions the backend needs at run time
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class EditSample:
+    """One example after loading and resizing, before encoding.
+
+    ``target`` is None for inference requests; ``controls`` is empty for a text-to-image sample.
+    Image sides are multiples of 16. ``mask`` (mode "L", white = edited) has the target's size.
+    """
+
+    key: str
+    prompt: str
+    target: Image | None
+    controls: list[Image] = field(default_factory=list)
+    mask: Image | None = None
+    files: tuple[Path, ...] = ()  # the files it came from: error messages and cache keys
+
+
+@dataclass
+class PromptEmbeds:
+    """Prompt encoding. Per sample: hidden [L, D], mask [L], pooled [P]; batched: a leading B."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor | None = None  # 1 = real token, 0 = padding
+    pooled: torch.Tensor | None = None
+
+
+@dataclass
+class EncodedSample:
+    """Everything the training step needs from one example: the part the embedding cache stores."""
+
+    key: str
+    latents: torch.Tensor  # [N, C] packed, normalised target latents
+    grid: Grid  # token grid of the target
+    prompt: PromptEmbeds
+    controls: list[torch.Tensor] = field(default_factory=list)  # each [Nc_i, C], clean
+    control_grids: list[Grid] = field(default_factory=list)
+    mask: torch.Tensor | None = None  # [N] token-space edit mask in [0, 1]
+    empty_prompt: PromptEmbeds | None = None  # encoding of "" (with the controls), for caption dropout
+
+    @property
+    def signature(self) -> tuple[Grid, tuple[Grid, ...]]:
+        """Samples with equal signatures stack into one batch without padding of image tokens."""
+        return self.grid, tuple(self.control_grids)
+
+
+@dataclass
+class Batch:
+    """Samples of one signature stacked along B (see ``qflux.data.collate``)."""
+
+    keys: list[str]
+    latents: torch.Tensor  # [B, N, C]
+    grid: Grid
+    prompt: PromptEmbeds  # hidden [B, L, D] padded to the longest, mask [B, L]
+    controls: list[torch.Tensor] = field(default_factory=list)  # each [B, Nc_i, C]
+    control_grids: list[Grid] = field(default_factory=list)
+    mask: torch.Tensor | None = None  # [B, N]
+
+    @property
+    def size(self) -> int:
+        return self.latents.shape[0]
+
+    def to(self, device: Any, dtype: Any = None) -> Batch:
+        """Move every tensor; floating tensors are cast to ``dtype`` when given (masks stay as they are)."""
+
+        def move(t: Any, cast: bool = True) -> Any:
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if (cast and dtype is not None and t.is_floating_point()) else t.dtype)
+
+        return Batch(
+            keys=self.keys,
+            latents=move(self.latents),
+            grid=self.grid,
+            prompt=PromptEmbeds(
+                hidden=move(self.prompt.hidden), mask=move(self.prompt.mask, cast=False), pooled=move(self.prompt.pooled)
+            ),
+            controls=[move(c) for c in self.controls],
+            control_grids=self.control_grids,
+            mask=move(self.mask, cast=False),
+        )
+
+
+@dataclass
+class NoisyInput:
+    """The noised target the transformer sees in one step."""
+
+    latents: torch.Tensor  # [B, N, C]  x_t = (1 - sigma) x0 + sigma * noise
+    sigmas: torch.Tensor  # [B] in (0, 1)
+    target: torch.Tensor  # [B, N, C]  velocity target noise - x0
+
+
+# --------------------------------------------------------------------------- models and sampling
+
+
+@dataclass
+class ModelBundle:
+    """What ``load`` produced. ``encoders`` is the plugin's own typed object (None when not loaded)."""
+
+    trainer: TrainerInfo
+    model: ModelConfig  # the config it was loaded with
+    transformer: torch.nn.Module
+    encoders: Any = None
+
+
+@dataclass
+class SampleRequest:
+    """One validation or inference image to generate."""
+
+    prompt: str
+    controls: list[Image] = field(default_factory=list)
+    height: int = 512
+    width: int = 512
+    steps: int = 20
+    seed: int = 0
+    guidance: float = 1.0  # distilled guidance (Kontext) / guidance embedding
+    true_cfg: float = 1.0  # > 1 runs classifier-free guidance with ``negative_prompt``
+    negative_prompt: str = ""
+
