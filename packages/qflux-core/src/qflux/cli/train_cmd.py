@@ -1,0 +1,29 @@
+"""``qflux train --config FILE [--trainer NAME] [--set k=v ...] [--resume | --resume-from CKPT]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from qflux.cli.config_cmd import SET_HELP
+from qflux.config import load_config
+from qflux.errors import UserError
+
+
+def train(
+    config: Path = typer.Option(..., "--config", help="YAML config file."),
+    trainer: str | None = typer.Option(None, "--trainer", help="Override the config's trainer."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest valid checkpoint in output.dir."),
+    resume_from: Path | None = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
+) -> None:
+    """Train a LoRA as configured; writes the LoRA, checkpoints, samples and logs under output.dir."""
+    from qflux.training.loop import train as run_training
+
+    if resume and resume_from is not None:
+        raise UserError("use either --resume or --resume-from, not both")
+    if resume_from is not None and not resume_from.is_dir():
+        raise UserError(f"--resume-from: checkpoint folder not found: {resume_from}")
+    cfg = load_config(config, set_, trainer)
+    run_training(cfg, resume=resume_from if resume_from is not None else resume)

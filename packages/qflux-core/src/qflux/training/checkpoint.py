@@ -1,0 +1,140 @@
+"""Training checkpoints: ``checkpoints/step-000250/`` with LoRA, optimizer, LR scheduler, RNG and data position.
+
+A checkpoint is written into a temporary folder and renamed into place, and carries a manifest of its
+files' sizes and sha256, so a half-written or corrupt checkpoint is detected and skipped on resume.
+Everything is read back through safetensors or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+LORA = "lora.safetensors"
+TRAINING = "training_state.pt"
+STATE = "state.json"
+
+
+@dataclass
+class TrainingPosition:
+    """Where the run stands: optimizer steps done and the data position within the epoch."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int  # micro-batches of ``epoch`` already consumed
+    config_fingerprint: str  # hash of the config parts a resumed run must share
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    position: TrainingPosition
+    lora: dict[str, torch.Tensor]
+    optimizer: dict
+    lr_scheduler: dict
+    generator_state: torch.Tensor
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    output_dir: Path,
+    position: TrainingPosition,
+    lora: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: object,
+    generator: torch.Generator,
+    keep: int,
+) -> Path:
+    """Write a checkpoint atomically, then delete all but the newest ``keep``."""
+    final = checkpoint_dir(output_dir, position.step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+    try:
+        save_file(lora, str(tmp / LORA))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+             "generator": generator.get_state()},
+            tmp / TRAINING,
+        )
+        (tmp / STATE).write_text(json.dumps(asdict(position), indent=2))
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                 for name in (LORA, TRAINING, STATE)}
+        (tmp / MANIFEST).write_text(json.dumps(files, indent=2))
+        for name in (LORA, TRAINING, STATE, MANIFEST):
+            with (tmp / name).open("rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.replace(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint folders, oldest first (temporary folders excluded)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def verify(path: Path) -> str | None:
+    """None when the checkpoint's files match its manifest, else the reason it is unusable."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "missing or unreadable manifest"
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+            return f"{name} is corrupt (size or sha256 differs from the manifest)"
+    return None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    state = json.loads((path / STATE).read_text())
+    training = torch.load(path / TRAINING, map_location="cpu", weights_only=True)
+    return Checkpoint(
+        path=path,
+        position=TrainingPosition(**state),
+        lora=load_file(str(path / LORA)),
+        optimizer=training["optimizer"],
+        lr_scheduler=training["lr_scheduler"],
+        generator_state=training["generator"],
+    )
+
+
+def latest_valid(output_dir: Path, warn=print) -> Path | None:
+    """The newest checkpoint that verifies; corrupt ones are reported through ``warn`` and skipped."""
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warn(f"skipping checkpoint {path}: {problem}")
+    return None

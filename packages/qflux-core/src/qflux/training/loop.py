@@ -1,0 +1,278 @@
+"""The model-agnostic training loop: ``train(config) -> TrainResult``.
+
+Order: plugins -> data records -> transformer (+ quantize, LoRA) -> encode (or cache) -> steps with
+gradient accumulation, clipping, LR schedule, checkpoints, validation loss and sampling -> export.
+Only the main process writes files; every rank runs the same number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+
+from qflux.config.schema import QfluxConfig
+from qflux.errors import UserError
+from qflux.plugins import Registry, build_registry
+from qflux.training import checkpoint as ckpt
+from qflux.training.batching import BucketBatchSampler, collate
+from qflux.training.encoding import LazyEncoders, encode_records
+from qflux.training.lora import attach_lora, export_lora, load_lora_state, lora_state_dict
+from qflux.training.metrics import MetricsLog, plot_loss
+from qflux.training.optim import build_lr_scheduler, build_optimizer
+from qflux.training.progress import TrainProgress
+from qflux.training.step import training_loss, validation_loss
+from qflux.types import Batch, EncodedSample, ModelBundle
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    lora_path: Path | None  # None on non-main processes
+    steps: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step of this invocation
+    val_loss_start: float | None = None
+    val_loss_end: float | None = None
+    resumed_from: Path | None = None
+
+
+def config_fingerprint(config: QfluxConfig) -> str:
+    """Hash of what a resumed run must share with the run that wrote the checkpoint."""
+    keep = {
+        "trainer": config.trainer,
+        "model": config.model.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json"),
+        "train": config.train.model_dump(mode="json", include={"batch_size", "grad_accum", "seed", "optimizer",
+                                                                 "timestep_sampling"}),
+    }
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _signature_of(sample: EncodedSample) -> object:
+    return sample.signature
+
+
+def _apply_caption_dropout(samples: list[EncodedSample], p: float, generator: torch.Generator) -> list[EncodedSample]:
+    if p <= 0:
+        return samples
+    out = []
+    for s in samples:
+        drop = float(torch.rand((), generator=generator)) < p
+        if drop and s.empty_prompt is not None:
+            s = EncodedSample(key=s.key, latents=s.latents, grid=s.grid, prompt=s.empty_prompt, controls=s.controls,
+                              control_grids=s.control_grids, mask=s.mask, empty_prompt=s.empty_prompt)
+        out.append(s)
+    return out
+
+
+def _batches_for_rank(sampler: BucketBatchSampler, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of one epoch; every rank gets the same count (short ranks repeat their first batches,
+    so collective ops never wait on a missing rank)."""
+    batches = sampler.epoch(epoch)
+    per_rank = math.ceil(len(batches) / world)
+    mine = batches[rank::world]
+    return (mine + mine[: per_rank - len(mine)])[:per_rank] if mine else batches[:per_rank]
+
+
+def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | Path = False,
+          console: Console | None = None) -> TrainResult:
+    """Run (or resume) training as configured; returns where the LoRA went and the losses seen."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from qflux.data import load_sample, open_records, split_holdout
+
+    registry = registry or build_registry()
+    hook = registry.hook
+    trainer = registry.trainer(config.trainer)
+    if config.model.quantize:
+        registry.quantizer(config.model.quantize)
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
+                              gradient_accumulation_steps=config.train.grad_accum)
+    is_main = accelerator.is_main_process
+    console = console or Console(stderr=True, quiet=not is_main)
+    output_dir = Path(config.output.dir)
+    fingerprint = config_fingerprint(config)
+
+    # ---- where to start
+    resume_path: Path | None = None
+    if resume:
+        resume_path = Path(resume) if isinstance(resume, (str, Path)) else ckpt.latest_valid(output_dir, console.print)
+        if resume_path is None:
+            console.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from step 0")
+        elif ckpt.verify(resume_path) is not None:
+            raise UserError(f"checkpoint {resume_path} is unusable: {ckpt.verify(resume_path)}")
+    elif ckpt.list_checkpoints(output_dir):
+        raise UserError(f"{output_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                        "or choose another output.dir")
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(
+            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+
+    set_seed(config.train.seed, device_specific=False)  # model init in plugins that use the global RNG
+
+    # ---- data
+    records = open_records(config.data)
+    train_records, holdout_records = split_holdout(records, config.data.holdout)
+
+    # ---- models
+    dtype = DTYPES[config.model.dtype]
+    transformer = hook.qflux_load_transformer(trainer=trainer, model=config.model)
+    if transformer is None:
+        raise UserError(f"no installed plugin loads the transformer for trainer '{trainer.name}'")
+    if config.model.quantize:
+        transformer = hook.qflux_quantize(transformer=transformer, method=config.model.quantize, model=config.model)
+    if config.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    params = attach_lora(transformer, config.model.lora)
+    encoders = LazyEncoders(hook, trainer, config)
+
+    with console.status("encoding the dataset"):
+        train_set = encode_records(train_records, hook, trainer, encoders, config)
+        holdout_set = encode_records(holdout_records, hook, trainer, encoders, config)
+    console.print(f"{len(train_set)} training samples, {len(holdout_set)} held out, "
+                  f"{sum(p.numel() for p in params):,} LoRA parameters")
+
+    sampling_on = config.validation.every > 0 and (config.validation.samples or
+                                                   (config.validation.from_holdout and holdout_records))
+    validation_cases = []
+    if sampling_on:
+        from qflux.training.validation import cases_from_config
+
+        holdout_samples = [load_sample(r, config.data) for r in holdout_records]
+        validation_cases = cases_from_config(config, holdout_samples)
+
+    # ---- optimisation state
+    optimizer = build_optimizer(params, config.train)
+    lr_scheduler = build_lr_scheduler(optimizer, config.train)
+    generator = torch.Generator().manual_seed(config.train.seed * 7919 + accelerator.process_index)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(resume_path)
+        if state.position.config_fingerprint != fingerprint:
+            raise UserError(f"checkpoint {resume_path} was written with a different config (model, data or "
+                            "batch settings changed); resume with the original config or start a new output.dir")
+        load_lora_state(transformer, state.lora)
+        optimizer.load_state_dict(state.optimizer)
+        lr_scheduler.load_state_dict(state.lr_scheduler)
+        generator.set_state(state.generator_state)
+        step, epoch, batch_in_epoch = state.position.step, state.position.epoch, state.position.batch_in_epoch
+        console.print(f"resumed from {resume_path} at step {step}")
+
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    device = accelerator.device
+    sampler = BucketBatchSampler([_signature_of(s) for s in train_set], config.train.batch_size, config.train.seed)
+    holdout_batches = [collate([s]).to(device, dtype) for s in holdout_set]
+    result = TrainResult(output_dir=output_dir, lora_path=None, steps=step, resumed_from=resume_path)
+    metrics = MetricsLog(output_dir) if is_main else None
+
+    def evaluate() -> float | None:
+        if not holdout_batches:
+            return None
+        transformer.eval()
+        value = validation_loss(hook, trainer, transformer, holdout_batches, config, config.validation.seed)
+        transformer.train()
+        return value
+
+    def sample_validation(at_step: int) -> None:
+        if not (sampling_on and is_main):
+            return
+        from qflux.training.validation import grid, render, save_grid
+
+        transformer.eval()
+        bundle = ModelBundle(trainer=trainer, model=config.model, transformer=accelerator.unwrap_model(transformer),
+                             encoders=encoders.get())
+        image = grid(validation_cases, render(hook, bundle, validation_cases))
+        transformer.train()
+        path = save_grid(output_dir, at_step, image)
+        metrics.image("validation", image, at_step)
+        console.print(f"step {at_step}: validation samples -> {path}")
+
+    def save(at_step: int) -> None:
+        if is_main:
+            position = ckpt.TrainingPosition(at_step, epoch, batch_in_epoch, fingerprint)
+            ckpt.save_checkpoint(output_dir, position, lora_state_dict(accelerator.unwrap_model(transformer)),
+                                 optimizer, lr_scheduler, generator, config.train.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    result.val_loss_start = evaluate()
+    if result.val_loss_start is not None:
+        console.print(f"held-out validation loss at step {step}: {result.val_loss_start:.5f}")
+        if metrics:
+            metrics.log(step, val_loss=result.val_loss_start)
+    if step == 0 and config.validation.every:
+        sample_validation(0)
+
+    transformer.train()
+    max_steps = config.train.max_steps
+    started = time.perf_counter()
+    micro_loss: list[float] = []
+    with TrainProgress(console, total=max_steps, start=step, enabled=is_main) as progress:
+        while step < max_steps:
+            epoch_batches = _batches_for_rank(sampler, epoch, accelerator.process_index, accelerator.num_processes)
+            while batch_in_epoch < len(epoch_batches) and step < max_steps:
+                indices = epoch_batches[batch_in_epoch]
+                batch_in_epoch += 1
+                samples = _apply_caption_dropout([train_set[i] for i in indices], config.data.caption_dropout,
+                                                 generator)
+                batch: Batch = collate(samples).to(device, dtype)
+                with accelerator.accumulate(transformer), accelerator.autocast():
+                    loss = training_loss(hook, trainer, transformer, batch, config, generator)
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(f"loss is {float(loss)} at step {step + 1} (batch {batch.keys}); "
+                                           "the last checkpoint is kept. Lower train.lr or check the data.")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.train.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_loss.append(float(loss.detach()))
+                if not accelerator.sync_gradients:
+                    continue
+                lr_scheduler.step()
+                step += 1
+                step_loss = sum(micro_loss) / len(micro_loss)
+                micro_loss.clear()
+                result.losses.append(step_loss)
+                lr = lr_scheduler.get_last_lr()[0]
+                progress.update(step, step_loss, lr)
+                if metrics and step % config.train.log_every == 0:
+                    metrics.log(step, loss=step_loss, lr=lr, elapsed=round(time.perf_counter() - started, 3))
+                if config.validation.every and step % config.validation.every == 0 and step < max_steps:
+                    val = evaluate()
+                    if metrics and val is not None:
+                        metrics.log(step, val_loss=val)
+                    sample_validation(step)
+                if config.train.save_every and step % config.train.save_every == 0 and step < max_steps:
+                    save(step)
+            if batch_in_epoch >= len(epoch_batches):
+                epoch, batch_in_epoch = epoch + 1, 0
+
+    result.steps = step
+    result.val_loss_end = evaluate()
+    if result.val_loss_end is not None:
+        console.print(f"held-out validation loss at step {step}: {result.val_loss_end:.5f}")
+    if config.validation.every:
+        sample_validation(step)
+    if config.train.save_every:
+        save(step)
+    if is_main:
+        if result.val_loss_end is not None:
+            metrics.log(step, val_loss=result.val_loss_end)
+        result.lora_path = export_lora(accelerator.unwrap_model(transformer), trainer, config.model.lora, output_dir)
+        metrics.close()
+        plot_loss(metrics.path, output_dir / "loss.png")
+        console.print(f"LoRA written to {result.lora_path}")
+    accelerator.wait_for_everyone()
+    return result
+

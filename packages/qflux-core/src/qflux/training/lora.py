@@ -1,0 +1,114 @@
+"""LoRA on the frozen transformer (peft through diffusers' ``PeftAdapterMixin``) and its export.
+
+The exported file is diffusers' LoRA format (``transformer.``-prefixed peft keys plus adapter metadata),
+written by the trainer's own pipeline class so that ``Pipeline.load_lora_weights`` reads it back.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from qflux.config.schema import LoraConfig
+from qflux.errors import ConfigError, UserError
+from qflux.types import TrainerInfo
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ADAPTER = "default"
+_INIT = {"gaussian": "gaussian", "default": True, "pissa": "pissa", "olora": "olora"}
+
+
+def peft_config(lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.targets),
+        init_lora_weights=_INIT[lora.init],
+        lora_dropout=lora.dropout,
+    )
+
+
+def attach_lora(transformer: torch.nn.Module, lora: LoraConfig) -> list[torch.nn.Parameter]:
+    """Freeze the base, add the adapter, keep LoRA parameters in float32; returns the trainable ones."""
+    transformer.requires_grad_(False)
+    names = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()}
+    full = {name for name, _ in transformer.named_modules()}
+    missing = [t for t in lora.targets if t not in names and not any(n.endswith("." + t) for n in full)]
+    if missing:
+        raise ConfigError(f"model.lora.targets: no module named {missing} in {type(transformer).__name__}")
+    transformer.add_adapter(peft_config(lora), adapter_name=ADAPTER)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:  # LoRA trains in float32 on top of a bf16 / quantized base
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors with peft's key names (no ``transformer.`` prefix), on CPU."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def load_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load tensors saved by ``lora_state_dict`` into the attached adapter (strict on the LoRA keys)."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    if unexpected:
+        raise UserError(f"LoRA state does not fit this transformer: unexpected keys {unexpected[:3]}...")
+
+
+def pipeline_class(trainer: TrainerInfo) -> type:
+    module, _, name = trainer.pipeline.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def export_lora(transformer: torch.nn.Module, trainer: TrainerInfo, lora: LoraConfig, directory: Path) -> Path:
+    """Write ``directory/pytorch_lora_weights.safetensors`` in diffusers format (with adapter metadata)."""
+    import tempfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = peft_config(lora).to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as tmp:  # atomic: write, then rename
+        pipeline_class(trainer).save_lora_weights(
+            save_directory=tmp,
+            transformer_lora_layers=lora_state_dict(transformer),
+            transformer_lora_adapter_metadata=metadata,
+            weight_name=LORA_FILE,
+        )
+        Path(tmp, LORA_FILE).replace(directory / LORA_FILE)
+    return directory / LORA_FILE
+
+
+def load_lora_file(transformer: torch.nn.Module, path: Path) -> None:
+    """Load a diffusers-format LoRA file onto ``transformer`` after checking that it fits.
+
+    A file whose keys name modules this transformer does not have (a LoRA of another model family) is a
+    user error, not a silent no-op.
+    """
+    from safetensors import SafetensorsError, safe_open
+
+    if not path.is_file():
+        raise UserError(f"LoRA file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorsError, OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable safetensors LoRA file ({err})") from err
+    modules = {name for name, _ in transformer.named_modules()}
+    lora_keys = [k for k in keys if ".lora_A." in k or ".lora_B." in k or ".lora_down." in k or ".lora_up." in k]
+    targets = {k.removeprefix("transformer.").split(".lora_")[0] for k in lora_keys}
+    unknown = sorted(t for t in targets if t not in modules)
+    if not lora_keys or unknown:
+        example = f" (e.g. {unknown[0]})" if unknown else ""
+        raise UserError(f"{path} is not a LoRA for this {type(transformer).__name__}: "
+                        f"{len(unknown) or 'no'} of its target modules do not exist{example}")
+    transformer.load_lora_adapter(str(path), prefix="transformer", adapter_name=ADAPTER)

@@ -1,0 +1,71 @@
+"""Sigma sampling schemes, noising, and batching by signature."""
+
+import pytest
+import torch
+
+from qflux.config.schema import TrainConfig
+from qflux.training.batching import BucketBatchSampler, collate, stack_prompts
+from qflux.training.timesteps import add_noise, resolution_shift, sample_sigmas
+from qflux.types import EncodedSample, PromptEmbeds
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "sigmoid", "shift", "flux_shift"])
+def test_sigmas_in_open_unit_interval_and_seeded(scheme):
+    cfg = TrainConfig(timestep_sampling=scheme)
+    a = sample_sigmas(4096, 1024, cfg, torch.Generator().manual_seed(1))
+    b = sample_sigmas(4096, 1024, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert a.min() > 0 and a.max() < 1
+
+
+def test_shift_moves_mass_to_high_noise():
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    uniform = sample_sigmas(20000, 256, TrainConfig(timestep_sampling="uniform"), gen())
+    shifted = sample_sigmas(20000, 256, TrainConfig(timestep_sampling="shift", shift=3.0), gen())
+    assert shifted.mean() > uniform.mean() + 0.1
+    # resolution-dependent shift grows with the token count
+    assert resolution_shift(4096) > resolution_shift(256)
+    small = sample_sigmas(20000, 256, TrainConfig(timestep_sampling="flux_shift"), gen())
+    large = sample_sigmas(20000, 4096, TrainConfig(timestep_sampling="flux_shift"), gen())
+    assert large.mean() > small.mean()
+
+
+def test_add_noise_interpolates_and_targets_velocity():
+    x0, noise = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    noisy = add_noise(x0, torch.tensor([0.0, 1.0]), noise)
+    assert torch.allclose(noisy.latents[0], x0[0]) and torch.allclose(noisy.latents[1], noise[1])
+    assert torch.allclose(noisy.target, noise - x0)
+
+
+def _sample(key, grid, length, controls=()):
+    n = grid[0] * grid[1]
+    return EncodedSample(key=key, latents=torch.randn(n, 4), grid=grid,
+                         prompt=PromptEmbeds(hidden=torch.randn(length, 8), pooled=torch.randn(6)),
+                         controls=[torch.randn(g[0] * g[1], 4) for g in controls], control_grids=list(controls))
+
+
+def test_collate_pads_prompts_with_mask():
+    batch = collate([_sample("a", (2, 2), 3, [(1, 2)]), _sample("b", (2, 2), 5, [(1, 2)])])
+    assert batch.latents.shape == (2, 4, 4) and batch.controls[0].shape == (2, 2, 4)
+    assert batch.prompt.hidden.shape == (2, 5, 8) and batch.prompt.pooled.shape == (2, 6)
+    assert batch.prompt.mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert torch.all(batch.prompt.hidden[0, 3:] == 0)
+
+
+def test_equal_length_unmasked_prompts_stay_unmasked():
+    assert stack_prompts([PromptEmbeds(torch.ones(3, 2)), PromptEmbeds(torch.ones(3, 2))]).mask is None
+
+
+def test_collate_refuses_mixed_signatures():
+    with pytest.raises(ValueError):
+        collate([_sample("a", (2, 2), 3), _sample("b", (2, 4), 3)])
+
+
+def test_bucket_sampler_epoch_covers_each_sample_once_in_single_signature_batches():
+    signatures = [(1, 1)] * 5 + [(2, 2)] * 3
+    sampler = BucketBatchSampler(signatures, batch_size=2, seed=3)
+    batches = sampler.epoch(0)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(8))
+    assert all(len({signatures[i] for i in b}) == 1 for b in batches)
+    assert sampler.epoch(0) == batches and sampler.epoch(1) != batches
