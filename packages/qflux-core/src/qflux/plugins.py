@@ -68,6 +68,7 @@ class Registry:
     trainers: dict[str, TrainerInfo]
     quantizers: dict[str, QuantizerInfo]
     provider: dict[str, str]  # "trainer:NAME" / "quantizer:NAME" -> package
+    allow: set[str] | None = None  # the QFLUX_LOAD_PLUGINS allow-list in effect (None: load all)
 
     @property
     def hook(self) -> Any:
@@ -80,8 +81,15 @@ class Registry:
         installed = ", ".join(sorted(self.trainers)) or "none"
         msg = f"unknown trainer '{name}' (installed trainers: {installed})"
         if name in KNOWN_TRAINERS:
-            msg += f"; it is provided by the package {KNOWN_TRAINERS[name]}: pip install {KNOWN_TRAINERS[name]}"
+            msg += self._missing(KNOWN_TRAINERS[name])
         raise PluginError(msg)
+
+    def version_of_trainer(self, name: str) -> str:
+        """Version of the package that provides trainer ``name`` (part of embedding-cache keys)."""
+        for record in self.plugins:
+            if name in record.trainers:
+                return f"{record.package}=={record.version}"
+        return "unknown"
 
     def quantizer(self, name: str) -> QuantizerInfo:
         if name in self.quantizers:
@@ -89,8 +97,18 @@ class Registry:
         installed = ", ".join(sorted(self.quantizers)) or "none"
         msg = f"unknown quantizer '{name}' for model.quantize (installed: {installed})"
         if name in KNOWN_QUANTIZERS:
-            msg += f"; it is provided by {KNOWN_QUANTIZERS[name]}: pip install {KNOWN_QUANTIZERS[name]}"
+            msg += self._missing(KNOWN_QUANTIZERS[name])
         raise PluginError(msg)
+
+    def _missing(self, package: str) -> str:
+        """What to do about a known name whose package did not provide it."""
+        failed = [b for b in self.broken if b.package == package]
+        if failed:
+            return f"; it is provided by the package {package}, whose plugin failed to load: {failed[0].error}"
+        msg = f"; it is provided by the package {package}: pip install {package}"
+        if self.allow is not None:
+            msg += f" (if it is installed: {ALLOW_LIST_ENV}={','.join(sorted(self.allow))!r} does not load it)"
+        return msg
 
 
 def _allow_list() -> set[str] | None:
@@ -142,28 +160,56 @@ def build_registry(extra_plugins: list[tuple[str, object]] = (), load_entry_poin
     for plugin, record in loaded:
         try:
             pm.register(plugin, name=record.name)
-        except Exception as err:  # noqa: BLE001 - e.g. a misspelt hook name (pluggy validation)
+            _check_hook_names(pm, plugin)
+            new_trainers: list[TrainerInfo] = []
+            new_quantizers: list[QuantizerInfo] = []
+            for impl in _impls(pm, plugin, "qflux_register_trainers"):
+                impl(register=_collector(new_trainers, TrainerInfo, record.name))
+            for impl in _impls(pm, plugin, "qflux_register_quantizers"):
+                impl(register=_collector(new_quantizers, QuantizerInfo, record.name))
+        except Exception as err:  # noqa: BLE001 - a bad hook signature, an unknown hook, a raising register
+            if pm.is_registered(plugin):
+                pm.unregister(plugin)
             broken.append(BrokenPlugin(record.name, record.package, f"{type(err).__name__}: {err}"))
             continue
         record.hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or [])
-
-        def register_trainer(info: TrainerInfo, record: PluginRecord = record) -> None:
+        for info in new_trainers:
             _claim(info.name, "trainer", record.package, provider, trainers)
             trainers[info.name] = info
             record.trainers.append(info.name)
-
-        def register_quantizer(info: QuantizerInfo, record: PluginRecord = record) -> None:
+        for info in new_quantizers:
             _claim(info.name, "quantizer", record.package, provider, quantizers)
             quantizers[info.name] = info
             record.quantizers.append(info.name)
-
-        for impl in _impls(pm, plugin, "qflux_register_trainers"):
-            impl(register=register_trainer)
-        for impl in _impls(pm, plugin, "qflux_register_quantizers"):
-            impl(register=register_quantizer)
         records.append(record)
 
-    return Registry(pm, records, broken, trainers, quantizers, provider)
+    return Registry(pm, records, broken, trainers, quantizers, provider, allow)
+
+
+def _collector(out: list[Any], cls: type, plugin_name: str) -> Any:
+    """The ``register`` callable handed to a registration hook: checks the type, collects the objects."""
+
+    def register(info: Any) -> None:
+        if not isinstance(info, cls):
+            raise PluginError(f"plugin {plugin_name}: register() takes a {cls.__name__}, got {type(info).__name__}")
+        out.append(info)
+
+    return register
+
+
+def _check_hook_names(pm: pluggy.PluginManager, plugin: object) -> None:
+    """pluggy accepts a hookimpl whose name matches no hookspec (it stays "pending"): reject it, with a hint."""
+    import difflib
+
+    for caller in pm.get_hookcallers(plugin) or []:
+        if caller.spec is not None:
+            continue
+        if all(impl.optionalhook for impl in caller.get_hookimpls() if impl.plugin is plugin):
+            continue
+        specs = [n for n in dir(hookspecs) if n.startswith("qflux_")]
+        close = difflib.get_close_matches(caller.name, specs, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise PluginError(f"{caller.name} is not a qflux hook{hint}")
 
 
 def _impls(pm: pluggy.PluginManager, plugin: object, hook_name: str) -> list[Any]:

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from qflux.cli import config_cmd, plugins_cmd, sample_cmd, train_cmd
+from qflux.cli import cache_cmd, config_cmd, plugins_cmd, sample_cmd, train_cmd
 from qflux.errors import UserError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.add_typer(plugins_cmd.app, name="plugins")
 app.add_typer(config_cmd.app, name="config")
 app.command("train")(train_cmd.train)
 app.command("sample")(sample_cmd.sample)
+app.add_typer(cache_cmd.app, name="cache")
 
 
 @app.callback()

@@ -17,6 +17,7 @@ def train(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest valid checkpoint in output.dir."),
     resume_from: Path | None = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
+    cache: bool = typer.Option(False, "--cache", help="Fill the embedding cache first (encoders then freed)."),
 ) -> None:
     """Train a LoRA as configured; writes the LoRA, checkpoints, samples and logs under output.dir."""
     from qflux.training.loop import train as run_training
@@ -26,4 +27,11 @@ def train(
     if resume_from is not None and not resume_from.is_dir():
         raise UserError(f"--resume-from: checkpoint folder not found: {resume_from}")
     cfg = load_config(config, set_, trainer)
+    if cache:
+        from qflux.cache.build import build_cache
+        from qflux.plugins import build_registry
+
+        if not cfg.cache.enabled:
+            raise UserError("--cache needs cache.enabled: true (or drop --cache)")
+        build_cache(cfg, build_registry())
     run_training(cfg, resume=resume_from if resume_from is not None else resume)

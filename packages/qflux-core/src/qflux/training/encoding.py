@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from qflux.cache import CacheContext, EmbeddingCache, entry_key
 from qflux.config.schema import QfluxConfig
 from qflux.types import EncodedSample, TrainerInfo
 
@@ -23,6 +24,10 @@ class LazyEncoders:
     def loaded(self) -> bool:
         return self._value is not None
 
+    def release(self) -> None:
+        """Drop the reference so the encoders' memory can be freed (loaded again if needed)."""
+        self._value = None
+
     def get(self) -> Any:
         if self._value is None:
             self._value = self._hook.qflux_load_encoders(trainer=self._trainer, model=self._config.model)
@@ -37,21 +42,38 @@ def encode_records(
     trainer: TrainerInfo,
     encoders: LazyEncoders,
     config: QfluxConfig,
+    cache: EmbeddingCache | None = None,
+    context: CacheContext | None = None,
     chunk: int = 4,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[EncodedSample]:
-    """Decode, resize and encode ``records`` in chunks; returns one EncodedSample per record, in order."""
+    """One EncodedSample per record, in order: from the cache when a verified entry exists, otherwise
+    decoded, resized and encoded in chunks (and stored). The encoders load only if something is missing."""
     from qflux.data import load_sample
 
-    out: list[EncodedSample] = []
+    out: list[EncodedSample | None] = [None] * len(records)
+    keys: list[str | None] = [None] * len(records)
+    missing: list[int] = []
+    for i, record in enumerate(records):
+        if cache is not None and context is not None:
+            keys[i] = entry_key(context, record.fingerprint())
+            out[i] = cache.get(keys[i])
+        if out[i] is None:
+            missing.append(i)
+        elif on_progress is not None:
+            on_progress(1)
     with_empty = config.data.caption_dropout > 0
-    for start in range(0, len(records), chunk):
-        samples = [load_sample(r, config.data) for r in records[start : start + chunk]]
+    for start in range(0, len(missing), chunk):
+        part = missing[start : start + chunk]
+        samples = [load_sample(records[i], config.data) for i in part]
         encoded = hook.qflux_encode(trainer=trainer, encoders=encoders.get(), samples=samples, model=config.model,
                                     empty_prompt=with_empty)
         if encoded is None:
             raise RuntimeError(f"no plugin implements qflux_encode for trainer '{trainer.name}'")
-        out.extend(encoded)
+        for i, sample in zip(part, encoded):
+            out[i] = sample
+            if cache is not None and keys[i] is not None:
+                cache.put(keys[i], sample)
         if on_progress is not None:
-            on_progress(len(samples))
-    return out
+            on_progress(len(part))
+    return out  # type: ignore[return-value]

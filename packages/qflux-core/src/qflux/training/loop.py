@@ -18,6 +18,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from qflux.cache.build import open_cache
 from qflux.config.schema import QfluxConfig
 from qflux.errors import UserError
 from qflux.plugins import Registry, build_registry
@@ -125,6 +126,13 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     records = open_records(config.data)
     train_records, holdout_records = split_holdout(records, config.data.holdout)
 
+    # ---- encode first (or read the cache), so encoders and transformer need not share memory
+    encoders = LazyEncoders(hook, trainer, config)
+    cache, context = open_cache(config, registry, console) if config.cache.enabled else (None, None)
+    with console.status("encoding the dataset"), accelerator.main_process_first():
+        train_set = encode_records(train_records, hook, trainer, encoders, config, cache, context)
+        holdout_set = encode_records(holdout_records, hook, trainer, encoders, config, cache, context)
+
     # ---- models
     dtype = DTYPES[config.model.dtype]
     transformer = hook.qflux_load_transformer(trainer=trainer, model=config.model)
@@ -135,13 +143,6 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     if config.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     params = attach_lora(transformer, config.model.lora)
-    encoders = LazyEncoders(hook, trainer, config)
-
-    with console.status("encoding the dataset"):
-        train_set = encode_records(train_records, hook, trainer, encoders, config)
-        holdout_set = encode_records(holdout_records, hook, trainer, encoders, config)
-    console.print(f"{len(train_set)} training samples, {len(holdout_set)} held out, "
-                  f"{sum(p.numel() for p in params):,} LoRA parameters")
 
     sampling_on = config.validation.every > 0 and (config.validation.samples or
                                                    (config.validation.from_holdout and holdout_records))
@@ -151,6 +152,10 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
 
         holdout_samples = [load_sample(r, config.data) for r in holdout_records]
         validation_cases = cases_from_config(config, holdout_samples)
+    else:
+        encoders.release()
+    console.print(f"{len(train_set)} training samples, {len(holdout_set)} held out, "
+                  f"{sum(p.numel() for p in params):,} LoRA parameters")
 
     # ---- optimisation state
     optimizer = build_optimizer(params, config.train)

@@ -1,0 +1,57 @@
+"""Fill the embedding cache for a config's dataset (``qflux cache``, ``qflux train --cache``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from qflux.cache.keys import CacheContext
+from qflux.cache.store import EmbeddingCache
+from qflux.config.schema import QfluxConfig
+from qflux.errors import ConfigError
+from qflux.plugins import Registry
+
+
+@dataclass
+class CacheBuildReport:
+    samples: int
+    encoded: int  # entries written by this call (the rest were already cached)
+    seconds: float
+    encoders_loaded: bool
+
+
+def open_cache(config: QfluxConfig, registry: Registry, console: Console) -> tuple[EmbeddingCache, CacheContext]:
+    trainer = registry.trainer(config.trainer)
+    context = CacheContext.from_config(config, registry.version_of_trainer(trainer.name))
+    root = Path(config.cache.dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cache.dir: cannot create {root} ({err.strerror})") from err
+    return EmbeddingCache(root, warn=console.print), context
+
+
+def build_cache(config: QfluxConfig, registry: Registry, console: Console | None = None) -> CacheBuildReport:
+    """Encode every sample of ``config.data`` that is not cached yet (held-out samples included)."""
+    from qflux.data import open_records
+    from qflux.training.encoding import LazyEncoders, encode_records
+
+    console = console or Console(stderr=True)
+    trainer = registry.trainer(config.trainer)
+    cache, context = open_cache(config, registry, console)
+    records = open_records(config.data)
+    before = sum(1 for r in records if cache.get(_key(context, r)) is not None)
+    encoders = LazyEncoders(registry.hook, trainer, config)
+    started = time.perf_counter()
+    with console.status(f"caching {len(records)} samples in {cache.root}"):
+        encode_records(records, registry.hook, trainer, encoders, config, cache=cache, context=context)
+    return CacheBuildReport(len(records), len(records) - before, time.perf_counter() - started, encoders.loaded)
+
+
+def _key(context: CacheContext, record: object) -> str:
+    from qflux.cache.keys import entry_key
+
+    return entry_key(context, record.fingerprint())

@@ -1,0 +1,71 @@
+"""``EncodedSample`` <-> flat safetensors tensors + a small JSON header (grids, key)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from qflux.types import EncodedSample, PromptEmbeds
+
+FORMAT = "qflux.encoded/1"
+
+
+def _prompt_tensors(prefix: str, p: PromptEmbeds | None) -> dict[str, torch.Tensor]:
+    if p is None:
+        return {}
+    out = {f"{prefix}.hidden": p.hidden}
+    if p.mask is not None:
+        out[f"{prefix}.mask"] = p.mask
+    if p.pooled is not None:
+        out[f"{prefix}.pooled"] = p.pooled
+    return out
+
+
+def _prompt_from(prefix: str, t: dict[str, torch.Tensor]) -> PromptEmbeds | None:
+    if f"{prefix}.hidden" not in t:
+        return None
+    return PromptEmbeds(hidden=t[f"{prefix}.hidden"], mask=t.get(f"{prefix}.mask"), pooled=t.get(f"{prefix}.pooled"))
+
+
+def to_bytes(sample: EncodedSample) -> bytes:
+    tensors = {"latents": sample.latents, **_prompt_tensors("prompt", sample.prompt),
+               **_prompt_tensors("empty_prompt", sample.empty_prompt)}
+    for i, c in enumerate(sample.controls):
+        tensors[f"control.{i}"] = c
+    if sample.mask is not None:
+        tensors["mask"] = sample.mask
+    header = {"key": sample.key, "grid": list(sample.grid), "control_grids": [list(g) for g in sample.control_grids]}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return save_bytes(tensors, metadata={"format": FORMAT, "qflux": json.dumps(header)})
+
+
+def from_bytes(data: bytes, metadata: dict[str, str]) -> EncodedSample:
+    """Rebuild a sample; ``metadata`` is the safetensors header metadata of the same bytes."""
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"unknown entry format {metadata.get('format')!r}")
+    header = json.loads(metadata["qflux"])
+    t = load_bytes(data)
+    n_controls = len(header["control_grids"])
+    return EncodedSample(
+        key=header["key"],
+        latents=t["latents"],
+        grid=tuple(header["grid"]),
+        prompt=_prompt_from("prompt", t),
+        controls=[t[f"control.{i}"] for i in range(n_controls)],
+        control_grids=[tuple(g) for g in header["control_grids"]],
+        mask=t.get("mask"),
+        empty_prompt=_prompt_from("empty_prompt", t),
+    )
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (8-byte little-endian header length, then JSON)."""
+    if len(data) < 8:
+        raise ValueError("truncated entry")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise ValueError("truncated entry")
+    return json.loads(data[8 : 8 + n]).get("__metadata__", {})

@@ -1,0 +1,160 @@
+"""On-disk store of cache entries: ``entries/ab/<key>.safetensors`` plus an append-only ``index.jsonl``.
+
+- Start-up reads the index only (no directory scan).
+- Writes are atomic (temporary file + ``os.replace``); index lines are single small appends, so several
+  processes can fill one cache at once. A key may get several index lines (two writers); a file is valid
+  when its bytes match any of them.
+- Every read checks size and sha256 against the index before decoding: a corrupt or truncated entry is
+  reported, removed and re-encoded by the caller, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qflux.cache.serialize import from_bytes, read_metadata, to_bytes
+from qflux.types import EncodedSample
+
+INDEX = "index.jsonl"
+
+
+@dataclass(frozen=True)
+class EntryStamp:
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class CacheProblem:
+    key: str
+    path: Path
+    reason: str
+
+
+class EmbeddingCache:
+    def __init__(self, root: Path, warn: Callable[[str], None] = lambda message: None) -> None:
+        self.root = Path(root)
+        self.warn = warn
+        self._index: dict[str, set[EntryStamp]] = {}
+        self._read_index()
+
+    # ------------------------------------------------------------------ index
+    def _read_index(self) -> None:
+        path = self.root / INDEX
+        if not path.is_file():
+            return
+        with path.open("r", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    stamp = EntryStamp(int(row["bytes"]), str(row["sha256"]))
+                    key = str(row["key"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line from a killed writer: that entry is simply re-encoded
+                self._index.setdefault(key, set()).add(stamp)
+
+    def _append_index(self, key: str, stamp: EntryStamp) -> None:
+        line = json.dumps({"key": key, "bytes": stamp.bytes, "sha256": stamp.sha256}) + "\n"
+        fd = os.open(self.root / INDEX, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def path_of(self, key: str) -> Path:
+        return self.root / "entries" / key[:2] / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def keys(self) -> list[str]:
+        return sorted(self._index)
+
+    # ------------------------------------------------------------------ entries
+    def put(self, key: str, sample: EncodedSample) -> None:
+        data = to_bytes(sample)
+        stamp = EntryStamp(len(data), hashlib.sha256(data).hexdigest())
+        path = self.path_of(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._append_index(key, stamp)
+        self._index.setdefault(key, set()).add(stamp)
+
+    def get(self, key: str) -> EncodedSample | None:
+        """The verified entry, or None (absent, or corrupt: then reported and dropped)."""
+        stamps = self._index.get(key)
+        if not stamps:
+            return None
+        problem = None
+        try:
+            data = self.path_of(key).read_bytes()
+        except OSError:
+            problem = "entry file is missing"
+        else:
+            if EntryStamp(len(data), hashlib.sha256(data).hexdigest()) not in stamps:
+                problem = "size or sha256 differs from the index (corrupt or truncated)"
+            else:
+                try:
+                    return from_bytes(data, read_metadata(data))
+                except (ValueError, KeyError) as err:
+                    problem = f"undecodable ({err})"
+        self.warn(f"cache entry {self.path_of(key)}: {problem}; re-encoding it")
+        self.drop(key)
+        return None
+
+    def drop(self, key: str) -> None:
+        self._index.pop(key, None)
+        self.path_of(key).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ maintenance
+    def verify(self) -> list[CacheProblem]:
+        """Check every indexed entry (size, sha256, decodable); nothing is changed."""
+        problems = []
+        for key in self.keys():
+            path = self.path_of(key)
+            try:
+                data = path.read_bytes()
+            except OSError:
+                problems.append(CacheProblem(key, path, "entry file is missing"))
+                continue
+            if EntryStamp(len(data), hashlib.sha256(data).hexdigest()) not in self._index[key]:
+                problems.append(CacheProblem(key, path, "size or sha256 differs from the index"))
+                continue
+            try:
+                from_bytes(data, read_metadata(data))
+            except (ValueError, KeyError) as err:
+                problems.append(CacheProblem(key, path, f"undecodable ({err})"))
+        return problems
+
+    def total_bytes(self) -> int:
+        return sum(max(s.bytes for s in stamps) for stamps in self._index.values())
+
+    def prune(self, keep: Iterable[str]) -> int:
+        """Delete entries not in ``keep`` and rewrite the index compactly; returns how many were removed."""
+        keep = set(keep)
+        removed = [k for k in self._index if k not in keep]
+        for key in removed:
+            self.drop(key)
+        lines = "".join(json.dumps({"key": k, "bytes": s.bytes, "sha256": s.sha256}) + "\n"
+                        for k in self.keys() for s in sorted(self._index[k], key=lambda s: s.sha256))
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".index-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(lines)
+        os.replace(tmp, self.root / INDEX)
+        return len(removed)
