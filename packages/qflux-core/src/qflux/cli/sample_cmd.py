@@ -27,7 +27,7 @@ def sample(
 ) -> None:
     """Edit IMG with the base model plus a LoRA and write the result to OUT."""
     from qflux.data import load_sample
-    from qflux.data.records import SampleRecord
+    from qflux.data.records import FileImage, SampleRecord
     from qflux.plugins import build_registry
     from qflux.training.lora import load_lora_file
     from qflux.types import ModelBundle, SampleRequest
@@ -40,8 +40,8 @@ def sample(
             raise UserError(f"--image: file not found: {path}")
     if len(image) > info.max_controls:
         raise UserError(f"trainer '{info.name}' takes at most {info.max_controls} control image(s), got {len(image)}")
-    record = SampleRecord.from_paths(key="sample", prompt=prompt, target=image[0] if image else None,
-                                     controls=list(image))
+    refs = tuple(FileImage(p) for p in image)
+    record = SampleRecord(key="sample", prompt=prompt, target=refs[0] if refs else None, controls=refs)
     request_sample = load_sample(record, cfg.data)
     width, height = request_sample.target.size if request_sample.target is not None else (512, 512)
 

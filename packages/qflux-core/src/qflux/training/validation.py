@@ -23,15 +23,15 @@ def cases_from_config(config: QfluxConfig, holdout: list[EditSample]) -> list[Va
     samples. Controls are resized like training data; the output size follows the first control (or the
     held-out target)."""
     from qflux.data import load_sample
-    from qflux.data.records import SampleRecord
+    from qflux.data.records import FileImage, SampleRecord
 
     v = config.validation
     cases: list[ValidationCase] = []
     for i, spec in enumerate(v.samples):
-        record = SampleRecord.from_paths(
-            key=f"validation-{i}", prompt=spec.prompt, target=spec.target or (spec.control[0] if spec.control else None),
-            controls=list(spec.control),
-        )
+        target = spec.target or (spec.control[0] if spec.control else None)  # sets the output size
+        record = SampleRecord(key=f"validation-{i}", prompt=spec.prompt,
+                              target=FileImage(Path(target)) if target else None,
+                              controls=tuple(FileImage(Path(c)) for c in spec.control))
         sample = load_sample(record, config.data)
         width, height = sample.target.size if sample.target is not None else _default_size(config)
         cases.append(ValidationCase(
