@@ -1,0 +1,16 @@
+"""qflux-kontext: the ``kontext`` trainer plugin (FLUX.1 Kontext) for qflux.
+
+The plugin module (``qflux_kontext.plugin``, the ``qflux`` entry point) stays light: torch, diffusers and
+transformers are imported inside the hook bodies. The heavy modules, one job each:
+
+- ``tiny``: the ``builtin:tiny`` model (real classes at tiny sizes, deterministic, offline), ``save_tiny``
+- ``tiny_tokenizers``: the CLIP (byte-level BPE) and T5 (Unigram) tokenizers made locally
+- ``loading``: load the transformer / encoders from ``builtin:tiny``, a diffusers folder or a hub id
+- ``encoders``: ``KontextEncoders``, the typed object ``qflux_load_encoders`` returns
+- ``encoding``: VAE latents, prompt embeddings, token-space masks -> ``EncodedSample``
+- ``packing``: 2x2 packing of latents and the ``(index, row, col)`` image ids
+- ``predict``: the transformer forward of one training step
+- ``sampling``: validation / inference images through ``FluxKontextPipeline``
+"""
+
+__version__ = "0.1.0"

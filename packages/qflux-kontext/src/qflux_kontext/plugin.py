@@ -1,0 +1,89 @@
+"""The ``kontext`` trainer (FLUX.1 Kontext): qflux hook implementations.
+
+This module is the ``qflux`` entry point and stays light: no torch / diffusers / transformers import at module
+level (``qflux plugins list`` imports it); each hook imports its heavy module when called. Every stage hook
+returns None unless the selected trainer is ``kontext``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from qflux import hookimpl
+from qflux.types import TrainerInfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL.Image import Image
+    from qflux.config.schema import ModelConfig
+    from qflux.types import Batch, EditSample, EncodedSample, ModelBundle, NoisyInput, SampleRequest
+
+NAME = "kontext"
+
+TRAINER = TrainerInfo(
+    name=NAME,
+    family="flux-kontext",
+    description="FLUX.1 Kontext image editing (FluxTransformer2DModel; CLIP + T5 prompts; up to 3 controls)",
+    pipeline="diffusers.FluxKontextPipeline",
+    default_model="black-forest-labs/FLUX.1-Kontext-dev",
+    max_controls=3,
+)
+
+
+def _mine(trainer: TrainerInfo | None) -> bool:
+    return trainer is not None and trainer.name == NAME
+
+
+@hookimpl
+def qflux_register_trainers(register: Callable[[TrainerInfo], None]) -> None:
+    register(TRAINER)
+
+
+@hookimpl
+def qflux_load_transformer(trainer: TrainerInfo, model: ModelConfig) -> torch.nn.Module | None:
+    if not _mine(trainer):
+        return None
+    from qflux_kontext.loading import load_transformer
+
+    return load_transformer(model)
+
+
+@hookimpl
+def qflux_load_encoders(trainer: TrainerInfo, model: ModelConfig) -> Any | None:
+    if not _mine(trainer):
+        return None
+    from qflux_kontext.loading import load_encoders
+
+    return load_encoders(model)
+
+
+@hookimpl
+def qflux_encode(
+    trainer: TrainerInfo, encoders: Any, samples: list[EditSample], model: ModelConfig, empty_prompt: bool
+) -> list[EncodedSample] | None:
+    if not _mine(trainer):
+        return None
+    from qflux_kontext.encoding import encode_samples
+
+    return encode_samples(encoders, samples, model, empty_prompt)
+
+
+@hookimpl
+def qflux_predict(
+    trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput, model: ModelConfig
+) -> torch.Tensor | None:
+    if not _mine(trainer):
+        return None
+    from qflux_kontext.predict import predict
+
+    return predict(transformer, batch, noisy, model)
+
+
+@hookimpl
+def qflux_sample(bundle: ModelBundle, request: SampleRequest) -> Image | None:
+    if not _mine(bundle.trainer):
+        return None
+    from qflux_kontext.sampling import sample
+
+    return sample(bundle, request)

@@ -1,0 +1,185 @@
+"""``qflux_sample`` for Kontext: one image through ``FluxKontextPipeline`` and the current transformer.
+
+Every call builds a ``FluxKontextPipeline`` around ``bundle.transformer`` and the encoders with a FRESH
+``FlowMatchEulerDiscreteScheduler.from_config(...)`` (never the training scheduler), at exactly the requested
+``height x width`` (``max_area = height * width``, ``_auto_resize=False``: the pipeline would otherwise snap
+the control to one of Kontext's preferred resolutions), ``generator = torch.Generator("cpu").manual_seed(seed)``.
+
+- no control: text-to-image; one control: ``image=controls[0]`` at its own size. Both call the pipeline.
+- two or more controls (the pipeline takes one): ``denoise`` below, a denoising loop that reuses the
+  pipeline's prompt encoder, image processor, VAE path, noise, timestep schedule (``calculate_shift``,
+  ``retrieve_timesteps``) and scheduler step, and runs the transformer through ``predict.forward``, i.e. the
+  training forward: control i gets image-id index i + 1. With one control it reproduces the pipeline.
+  It is also used when the transformer's dtype differs from the encoders' (the pipeline assumes one dtype).
+
+The encoders are moved to the transformer's device for the call and moved back after; the transformer is put
+in eval mode for the call and its train/eval mode restored after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from qflux.errors import UserError
+
+from qflux_kontext.encoding import encode_prompts, sequence_length
+from qflux_kontext.packing import pack_latents, token_grid, unpack_latents
+from qflux_kontext.predict import forward
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL.Image import Image
+    from qflux.types import ModelBundle, SampleRequest
+
+    from qflux_kontext.encoders import KontextEncoders
+
+
+def compute_dtype(transformer: torch.nn.Module) -> torch.dtype:
+    dtype = getattr(transformer, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    for p in transformer.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def build_pipeline(transformer: torch.nn.Module, encoders: KontextEncoders):
+    """A ``FluxKontextPipeline`` of ``transformer`` + ``encoders`` with a fresh scheduler instance."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+
+    pipe = FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(encoders.scheduler_config),
+        vae=encoders.vae,
+        text_encoder=encoders.text_encoder,
+        tokenizer=encoders.tokenizer,
+        text_encoder_2=encoders.text_encoder_2,
+        tokenizer_2=encoders.tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextmanager
+def _prepared(transformer: torch.nn.Module, encoders: KontextEncoders) -> Iterator[None]:
+    device = _device(transformer)
+    home = encoders.device
+    training = transformer.training
+    if home != device:
+        encoders.to(device)
+    transformer.eval()
+    try:
+        yield
+    finally:
+        transformer.train(training)
+        if home != device:
+            encoders.to(home)
+
+
+def _control_size(image: Image, multiple: int) -> tuple[int, int]:
+    """(height, width) the pipeline uses for a control with ``_auto_resize=False``."""
+    return image.height // multiple * multiple, image.width // multiple * multiple
+
+
+@torch.no_grad()
+def denoise(pipe, encoders: KontextEncoders, request: SampleRequest, max_sequence_length: int, guidance: float):
+    """The pipeline's denoising loop for any number of controls (see the module docstring)."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
+    from diffusers.utils.torch_utils import randn_tensor
+
+    transformer = pipe.transformer
+    device, dtype = _device(transformer), compute_dtype(transformer)
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    factor = pipe.vae_scale_factor
+    multiple = factor * 2
+
+    def prompt(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = encode_prompts(encoders, [text], max_sequence_length)
+        return hidden.to(device, dtype), pooled.to(device, dtype)
+
+    hidden, pooled = prompt(request.prompt)
+    cfg = request.true_cfg > 1
+    if cfg:
+        neg_hidden, neg_pooled = prompt(request.negative_prompt)
+
+    vae = encoders.vae
+    controls, control_grids = [], []
+    for image in request.controls:
+        h, w = _control_size(image, multiple)
+        pixels = pipe.image_processor.preprocess(pipe.image_processor.resize(image, h, w), h, w)
+        z = pipe._encode_vae_image(pixels.to(_device(vae), vae.dtype), generator)
+        controls.append(pack_latents(z).to(device, dtype))
+        control_grids.append(token_grid(h, w, factor))
+
+    grid = token_grid(request.height, request.width, factor)
+    channels = pipe.transformer.config.in_channels // 4
+    noise = randn_tensor((1, channels, grid[0] * 2, grid[1] * 2), generator=generator, device=device, dtype=dtype)
+    latents = pack_latents(noise)
+
+    scheduler = pipe.scheduler
+    steps = request.steps
+    mu = calculate_shift(
+        latents.shape[1],
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.15),
+    )
+    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    scheduler.set_begin_index(0)
+    for t in timesteps:
+        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        v = forward(transformer, latents, timestep, hidden, pooled, grid, controls, control_grids, guidance)
+        if cfg:
+            v_neg = forward(
+                transformer, latents, timestep, neg_hidden, neg_pooled, grid, controls, control_grids, guidance
+            )
+            v = v_neg + request.true_cfg * (v - v_neg)
+        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+
+    z = unpack_latents(latents, grid) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    image = vae.decode(z.to(_device(vae), vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def sample(bundle: ModelBundle, request: SampleRequest, loop: bool | None = None) -> Image:
+    """``qflux_sample``. ``loop``: force (True) or forbid (False) ``denoise``; None chooses (module docstring)."""
+    encoders = bundle.encoders
+    if encoders is None:
+        raise ValueError("kontext sampling needs the encoders: call qflux_load_encoders first")
+    if request.height % 16 or request.width % 16 or request.height < 16 or request.width < 16:
+        raise UserError(f"sample size {request.width}x{request.height}: sides must be multiples of 16")
+    transformer = bundle.transformer
+    msl = sequence_length(encoders, bundle.model)
+    if loop is None:
+        dtypes = {compute_dtype(transformer), encoders.vae.dtype, encoders.text_encoder_2.dtype}
+        loop = len(request.controls) > 1 or len(dtypes) > 1
+    if not loop and len(request.controls) > 1:
+        raise ValueError("FluxKontextPipeline takes one control image; use loop=True")
+    with _prepared(transformer, encoders):
+        pipe = build_pipeline(transformer, encoders)
+        if loop:
+            return denoise(pipe, encoders, request, msl, request.guidance)
+        cfg = request.true_cfg > 1
+        return pipe(
+            image=request.controls[0] if request.controls else None,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt if cfg else None,
+            true_cfg_scale=request.true_cfg,
+            height=request.height,
+            width=request.width,
+            max_area=request.height * request.width,
+            _auto_resize=False,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+            max_sequence_length=msl,
+        ).images[0]
