@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from qflux.cli import cache_cmd, config_cmd, plugins_cmd, sample_cmd, train_cmd
+from qflux.cli import cache_cmd, config_cmd, data_cmd, plugins_cmd, sample_cmd, train_cmd
 from qflux.errors import UserError
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 app.add_typer(plugins_cmd.app, name="plugins")
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(data_cmd.app, name="data")
 app.command("train")(train_cmd.train)
 app.command("sample")(sample_cmd.sample)
 app.add_typer(cache_cmd.app, name="cache")

@@ -1,0 +1,51 @@
+"""The edit-data pipeline: find samples, plan their size, decode them, check a dataset.
+
+- ``records``: ``SampleRecord`` (one example before decoding, ``fingerprint()``), image references,
+  ``DataProblem``
+- ``sources``: ``open_records(data, base_dir)`` dispatching on ``data.path`` to ``folder``, ``manifest``,
+  ``hf`` and ``shapes`` (``builtin:shapes``); ``split_holdout``
+- ``resize``: ``plan_size`` / ``plan_control_size`` (fixed, pixel budget, aspect buckets; sides multiple of 16)
+- ``images``: decoding and normalisation (EXIF, alpha, palette, 16-bit, CMYK) and ``fit``
+- ``load``: ``load_sample(record, data) -> EditSample``
+- ``check``: ``check_dataset(data, base_dir) -> list[DataProblem]`` (``qflux data check``)
+
+Caption dropout is the trainer's job, not this package's.
+"""
+
+from qflux.data.check import DataReport, check_dataset, inspect_dataset
+from qflux.data.images import fit, open_mask, open_rgb
+from qflux.data.load import load_sample
+from qflux.data.records import (
+    BytesImage,
+    DataProblem,
+    DatasetCell,
+    FileImage,
+    ImageRef,
+    MemoryImage,
+    SampleRecord,
+)
+from qflux.data.resize import plan_control_size, plan_size, resize_mode
+from qflux.data.sources import open_records, scan_dataset, split_holdout
+
+__all__ = [
+    "BytesImage",
+    "DataProblem",
+    "DataReport",
+    "DatasetCell",
+    "FileImage",
+    "ImageRef",
+    "MemoryImage",
+    "SampleRecord",
+    "check_dataset",
+    "fit",
+    "inspect_dataset",
+    "load_sample",
+    "open_mask",
+    "open_records",
+    "open_rgb",
+    "plan_control_size",
+    "plan_size",
+    "resize_mode",
+    "scan_dataset",
+    "split_holdout",
+]
