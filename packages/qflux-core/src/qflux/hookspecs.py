@@ -84,6 +84,10 @@ def qflux_load_encoders(trainer: TrainerInfo, model: ModelConfig) -> Any | None:
     """Load what ``qflux_encode`` and ``qflux_sample`` need besides the transformer (VAE, text encoders,
     tokenizers, processor), frozen, in ``model.dtype``.
 
+    Args:
+        trainer: the selected trainer; return None when it is not yours.
+        model: the ``model`` config section.
+
     Returns:
         A plugin-defined object (None when the trainer is not yours). The core only passes it back.
     Called lazily: not at all when every sample is in the embedding cache and no sampling is needed.
@@ -156,6 +160,7 @@ def qflux_loss(prediction: torch.Tensor, noisy: NoisyInput, batch: Batch, loss: 
     Returns:
         A scalar tensor. The core's default (flow matching with edit-mask weighting) runs last, so a
         plugin's implementation replaces it; a ``hookwrapper`` can wrap it instead.
+    Called every training step after ``qflux_predict`` (and for the validation loss).
     """
 
 

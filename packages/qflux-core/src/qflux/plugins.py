@@ -137,13 +137,18 @@ def build_registry(extra_plugins: list[tuple[str, object]] = (), load_entry_poin
     loaded: list[tuple[object, PluginRecord]] = []
 
     allow = _allow_list()
+    seen: dict[str, str] = {}  # entry-point name -> package
     if load_entry_points:
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             if allow is not None and ep.name not in allow:
                 continue
             package, version = _distribution_of(ep)
-            if pm.get_plugin(ep.name) is not None:  # the same entry point seen twice (duplicate install)
+            if ep.name in seen:
+                if seen[ep.name] != package:  # the same package found twice on sys.path is loaded once
+                    broken.append(BrokenPlugin(ep.name, package, f"PluginError: the plugin name '{ep.name}' is "
+                                               f"already used by {seen[ep.name]}"))
                 continue
+            seen[ep.name] = package
             try:
                 plugin = ep.load()
             except Exception as err:  # noqa: BLE001 - any import failure must be reported, not raised

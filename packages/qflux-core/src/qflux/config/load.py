@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import difflib
+import re
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from qflux.config.schema import QfluxConfig
 from qflux.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.2; PyYAML's 1.1 rules want ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
@@ -21,7 +38,7 @@ def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({err.problem})") from err
         out.append((key.strip().split("."), value))
@@ -47,7 +64,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -75,21 +92,24 @@ def validate(data: dict[str, Any], source: str) -> QfluxConfig:
     try:
         return QfluxConfig.model_validate(data)
     except ValidationError as err:
-        lines = [explain(e) for e in err.errors()]
+        lines = list(dict.fromkeys(explain(e) for e in err.errors()))  # a union fails once per member: dedupe
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(f"  - {line}" for line in lines)) from err
 
 
 def explain(error: dict[str, Any]) -> str:
     """One line per pydantic error: the dotted key, what is wrong, and a hint when there is one."""
-    loc = [str(p) for p in error["loc"] if not str(p).startswith(("function-", "tagged-union"))]
+    loc, union = _clean_loc(error["loc"])
     key = _dotted(loc)
     if error["type"] == "extra_forbidden":
-        hint = _did_you_mean(loc)
-        return f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
+        hints = _did_you_mean(loc)
+        return f"unknown key '{key}'" + (f" (did you mean {' or '.join(repr(h) for h in hints)}?)" if hints else "")
     if error["type"] == "missing":
         return f"'{key}' is required"
     got = error.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    if union is not None:
+        members = [_type_name(a) for a in get_args(union) if a is not type(None)]
+        return f"'{key}': expected {', '.join(members[:-1])} or {members[-1]}{got_text}"
     return f"'{key}': {error['msg']}{got_text}"
 
 
@@ -100,32 +120,87 @@ def _dotted(loc: list[str]) -> str:
     return out
 
 
-def _did_you_mean(loc: list[str]) -> str | None:
-    """Closest allowed key at the same level (or the same key in another section)."""
-    model: type[BaseModel] | None = QfluxConfig
-    for part in loc[:-1]:
-        if part.isdigit() or model is None:
+def _clean_loc(raw: tuple[Any, ...]) -> tuple[list[str], Any]:
+    """The config key path of a pydantic error location, without the union-member tags pydantic inserts.
+
+    Returns the path and, when the error is about one member of a union-typed key, that union annotation.
+    """
+    out: list[str] = []
+    ann: Any = QfluxConfig
+    for item in raw:
+        part = str(item)
+        if part.startswith(("function-", "tagged-union")):
             continue
-        field = model.model_fields.get(part)
-        model = _model_of(field.annotation) if field else None
-    bad = loc[-1]
-    prefix = ".".join(p for p in loc[:-1] if not p.isdigit())
-    if model is not None:
-        match = difflib.get_close_matches(bad, list(model.model_fields), n=1, cutoff=0.6)
+        ann = _strip_optional(ann)
+        if _is_union(ann):
+            return out, ann
+        out.append(part)
+        ann = _child(ann, part)
+    return out, None
+
+
+def _child(ann: Any, part: str) -> Any:
+    """The annotation one step down ``part`` (a field, a list index, a dict key); None when unknown."""
+    ann = _strip_optional(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        field = ann.model_fields.get(part)
+        return field.annotation if field else None
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is list and args:
+        return args[0]
+    if origin is tuple and args:
+        return args[0] if args[-1] is Ellipsis or not part.isdigit() else args[min(int(part), len(args) - 1)]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    return None
+
+
+def _is_union(ann: Any) -> bool:
+    return get_origin(ann) in (Union, types.UnionType) and len([a for a in get_args(ann) if a is not type(None)]) > 1
+
+
+def _strip_optional(ann: Any) -> Any:
+    if get_origin(ann) in (Union, types.UnionType):
+        members = [a for a in get_args(ann) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return ann
+
+
+def _type_name(ann: Any) -> str:
+    return ann.__name__ if isinstance(ann, type) and not get_args(ann) else str(ann).replace("typing.", "")
+
+
+def _all_keys(model: type[BaseModel] = QfluxConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections included (not the keys inside list items)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        keys.append(path)
+        sub = _strip_optional(field.annotation)
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += _all_keys(sub, path)
+    return keys
+
+
+def _did_you_mean(loc: list[str]) -> list[str]:
+    """Suggestions for the unknown key ``loc``: the same key in another section first, then the closest key
+    at the same level, then the closest key anywhere."""
+    parent, bad = loc[:-1], loc[-1]
+    here = _dotted(parent)
+    elsewhere = [k for k in _all_keys() if k.rpartition(".")[2] == bad and k.rpartition(".")[0] != here]
+    if elsewhere:
+        return elsewhere
+    ann: Any = QfluxConfig
+    for part in parent:
+        ann = _child(ann, part)
+    ann = _strip_optional(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        match = difflib.get_close_matches(bad, list(ann.model_fields), n=1, cutoff=0.6)
         if match:
-            return f"{prefix}.{match[0]}" if prefix else match[0]
-    for section, field in QfluxConfig.model_fields.items():  # a key put in the wrong section
-        sub = _model_of(field.annotation)
-        if sub is not None and bad in sub.model_fields:
-            return f"{section}.{bad}"
-    return None
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
+            return [f"{here}.{match[0]}" if here else match[0]]
+    by_leaf: dict[str, list[str]] = {}
+    for k in _all_keys():
+        by_leaf.setdefault(k.rpartition(".")[2], []).append(k)
+    match = difflib.get_close_matches(bad, list(by_leaf), n=1, cutoff=0.75)
+    return by_leaf[match[0]] if match else []

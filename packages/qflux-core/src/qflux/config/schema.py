@@ -82,6 +82,11 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     log_every: int = Field(1, ge=1)
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, v: object) -> object:
+        return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` (also in --set) as false
+
 
 class MaskWeighting(Section):
     foreground: float = Field(2.0, ge=0)
