@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import torch
-from conftest import tiny_config, write_config
 from safetensors.torch import load_file
 
 from qflux.config import load_config
 from qflux.plugins import build_registry
+from qflux.testing import tiny_config, write_config
 from qflux.training.loop import train
 from qflux.training.lora import attach_lora, load_lora_state
 from qflux.types import ModelBundle, SampleRequest
