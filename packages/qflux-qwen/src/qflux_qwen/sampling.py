@@ -1,0 +1,152 @@
+"""``qflux_sample`` for the Qwen trainers: one image with the current (LoRA) transformer.
+
+The denoising loop is the one of ``QwenImageEditPipeline`` / ``QwenImageEditPlusPipeline.__call__`` (same
+sigmas ``linspace(1, 1/steps)``, dynamic shift ``mu`` from the target's token count, Euler steps of a FRESH
+``FlowMatchEulerDiscreteScheduler`` built from the model's scheduler config, true CFG with the pipelines'
+norm rescale, VAE decode after un-normalising), written out with the pipeline's own helpers
+(``prepare_latents``, ``_unpack_latents``, ``image_processor``) because ``__call__`` resizes every control to
+about 1 MP first (tens of seconds per image on CPU): here the controls are encoded at the size they are given,
+exactly as ``qflux_encode`` encodes training samples, and the output has the requested size (sides rounded
+down to multiples of 16, as the pipelines do). No control: text-to-image with the same system prompt.
+Latents stay float32 between steps; noise comes from a CPU generator seeded with ``request.seed``, so an
+image depends on the seed only, whatever the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from qflux.errors import UserError
+
+from qflux_qwen.encoding import check_size, encode_image, encode_prompt
+from qflux_qwen.predict import check_zero_cond_t, forward, unwrap
+from qflux_qwen.variants import QwenVariant
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL.Image import Image
+    from qflux.types import ModelBundle, SampleRequest
+
+    from qflux_qwen.encoders import QwenEncoders
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@contextmanager
+def _eval(module: torch.nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _check(variant: QwenVariant, request: SampleRequest) -> tuple[int, int]:
+    if len(request.controls) > variant.max_controls:
+        raise UserError(
+            f"{len(request.controls)} control images given; the {variant.name} trainer takes at most "
+            f"{variant.max_controls}"
+        )
+    for i, control in enumerate(request.controls):
+        check_size(control, f"control {i}", "sample request")
+    if request.steps < 1:
+        raise UserError(f"sampling needs at least 1 step, got {request.steps}")
+    height, width = request.height // 16 * 16, request.width // 16 * 16
+    if height < 16 or width < 16:
+        raise UserError(f"sample size {request.width}x{request.height} is too small (at least 16x16)")
+    return height, width
+
+
+def _encoders(variant: QwenVariant, bundle: ModelBundle) -> QwenEncoders:
+    if bundle.encoders is None:  # validation with a complete cache: load lazily, keep for the next call
+        from qflux_qwen.loading import load_encoders
+
+        bundle.encoders = load_encoders(variant, bundle.model)
+    return bundle.encoders
+
+
+def fresh_scheduler(config: dict[str, Any], steps: int) -> Any:
+    """A new ``FlowMatchEulerDiscreteScheduler`` from the model's config. One step: without ``shift_terminal``
+    (stretching a single sigma to the terminal value divides 0 by 0 in diffusers 0.42: NaN images)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if steps == 1 and config.get("shift_terminal"):
+        return FlowMatchEulerDiscreteScheduler.from_config(config, shift_terminal=None)
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+def decode(pipe: Any, latents: torch.Tensor, height: int, width: int) -> Image:
+    """Packed normalised latents [1, N, C] -> PIL image (the pipelines' decode)."""
+    vae = pipe.vae
+    z = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(_device(vae), vae.dtype)
+    channels = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1, 1).to(z.device, z.dtype)
+    std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1, 1).to(z.device, z.dtype)
+    image = vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
+
+
+@torch.no_grad()
+def sample(variant: QwenVariant, bundle: ModelBundle, request: SampleRequest) -> Image:
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift, retrieve_timesteps
+
+    height, width = _check(variant, request)
+    encoders = _encoders(variant, bundle)
+    transformer = bundle.transformer
+    check_zero_cond_t(variant, transformer)
+    device = _device(transformer)
+    scheduler = fresh_scheduler(encoders.scheduler_config, request.steps)
+    pipe = encoders.pipeline(variant.pipeline_class_name, transformer=unwrap(transformer), scheduler=scheduler)
+    max_len = bundle.model.max_sequence_length
+    pipelines = {variant.pipeline_class_name: pipe}
+    controls = [c.convert("RGB") for c in request.controls]
+
+    with _eval(transformer):
+        hidden, mask = encode_prompt(variant, encoders, request.prompt, controls, max_len, pipelines)
+        do_cfg = request.true_cfg > 1.0
+        if do_cfg:
+            neg_hidden, neg_mask = encode_prompt(variant, encoders, request.negative_prompt, controls, max_len, pipelines)
+            neg_hidden, neg_mask = neg_hidden.to(device), neg_mask.to(device)
+        hidden, mask = hidden.to(device), mask.to(device)
+        control_latents, control_grids = [], []
+        for control in controls:
+            packed, grid = encode_image(encoders, control, pipe)
+            control_latents.append(packed.to(device, torch.float32))
+            control_grids.append(grid)
+
+        generator = torch.Generator("cpu").manual_seed(int(request.seed))
+        channels = unwrap(transformer).config.in_channels // 4
+        latents, _ = pipe.prepare_latents(None, 1, channels, height, width, torch.float32, torch.device("cpu"), generator)
+        latents = latents.to(device)
+        grid = (height // 16, width // 16)
+
+        steps = int(request.steps)
+        mu = calculate_shift(
+            latents.shape[1],
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(
+            scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu
+        )
+        scheduler.set_begin_index(0)
+        for t in timesteps:
+            sigma = (t / 1000).expand(1).to(device)
+            pred = forward(transformer, latents, sigma, hidden, mask, control_latents, grid, control_grids).float()
+            if do_cfg:
+                neg = forward(
+                    transformer, latents, sigma, neg_hidden, neg_mask, control_latents, grid, control_grids
+                ).float()
+                combined = neg + request.true_cfg * (pred - neg)
+                pred = combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0].float()
+
+    return decode(pipe, latents, height, width)

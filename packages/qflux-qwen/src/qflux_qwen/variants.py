@@ -1,0 +1,106 @@
+"""The three Qwen-Image-Edit trainers and what distinguishes them (light: no torch import).
+
+=================  ===========================  ==========================  ========  ==========  ===========
+trainer            real model                   pipeline                    controls  VL images   zero_cond_t
+=================  ===========================  ==========================  ========  ==========  ===========
+``qwen-edit``      Qwen/Qwen-Image-Edit         QwenImageEditPipeline       1         as given    no
+``qwen-edit-plus`` Qwen/Qwen-Image-Edit-2509    QwenImageEditPlusPipeline   1-3       ~384x384    no
+``qwen-edit-2511`` Qwen/Qwen-Image-Edit-2511    QwenImageEditPlusPipeline   1-3       ~384x384    yes
+=================  ===========================  ==========================  ========  ==========  ===========
+
+"VL images" is the size at which the control images reach the Qwen2.5-VL encoder: ``qwen-edit`` gives it the
+control at the size the sample has (the pipeline would first resize it to ~1 MP); the plus pipelines resize
+every control to an area of 384 x 384 for the VL encoder (``CONDITION_IMAGE_SIZE``) while the VAE sees it at
+its own size. ``zero_cond_t``: the 2511 transformer embeds the condition (control) tokens at timestep 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qflux.types import TrainerInfo
+
+FAMILY = "qwen-image"
+VL_AREA_PLUS = 384 * 384  # diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE
+
+
+@dataclass(frozen=True)
+class QwenVariant:
+    """One trainer: its registration and the switches encode / predict / sample read."""
+
+    name: str
+    description: str
+    pipeline: str  # "diffusers.<Class>"
+    default_model: str
+    max_controls: int
+    multi_image: bool  # "Picture i: <|vision_start|><|image_pad|><|vision_end|>" per control (plus template)
+    vl_area: int | None  # pixel area of the VL encoder's copy of each control; None: the control as given
+    zero_cond_t: bool  # condition tokens at t = 0 (transformer config flag, forced on at load)
+
+    @property
+    def pipeline_class_name(self) -> str:
+        return self.pipeline.rsplit(".", 1)[-1]
+
+    @property
+    def info(self) -> TrainerInfo:
+        return TrainerInfo(
+            name=self.name,
+            family=FAMILY,
+            description=self.description,
+            pipeline=self.pipeline,
+            default_model=self.default_model,
+            max_controls=self.max_controls,
+        )
+
+
+VARIANTS: dict[str, QwenVariant] = {
+    v.name: v
+    for v in (
+        QwenVariant(
+            name="qwen-edit",
+            description="Qwen-Image-Edit (QwenImageTransformer2DModel; Qwen2.5-VL prompt that sees the control; 1 control)",
+            pipeline="diffusers.QwenImageEditPipeline",
+            default_model="Qwen/Qwen-Image-Edit",
+            max_controls=1,
+            multi_image=False,
+            vl_area=None,
+            zero_cond_t=False,
+        ),
+        QwenVariant(
+            name="qwen-edit-plus",
+            description="Qwen-Image-Edit-2509 (1-3 controls, 'Picture i:' prompt template, VL images at ~384x384)",
+            pipeline="diffusers.QwenImageEditPlusPipeline",
+            default_model="Qwen/Qwen-Image-Edit-2509",
+            max_controls=3,
+            multi_image=True,
+            vl_area=VL_AREA_PLUS,
+            zero_cond_t=False,
+        ),
+        QwenVariant(
+            name="qwen-edit-2511",
+            description="Qwen-Image-Edit-2511 (as 2509; the transformer's zero_cond_t runs control tokens at t=0)",
+            pipeline="diffusers.QwenImageEditPlusPipeline",
+            default_model="Qwen/Qwen-Image-Edit-2511",
+            max_controls=3,
+            multi_image=True,
+            vl_area=VL_AREA_PLUS,
+            zero_cond_t=True,
+        ),
+    )
+}
+
+
+def variant_of(trainer: TrainerInfo | str | None) -> QwenVariant | None:
+    """The variant for a trainer (or trainer name); None when it is not one of ours."""
+    if trainer is None:
+        return None
+    name = trainer if isinstance(trainer, str) else trainer.name
+    return VARIANTS.get(name)
+
+
+def variant_named(name: str) -> QwenVariant:
+    """The variant called ``name``; ``ValueError`` listing the known names otherwise."""
+    variant = VARIANTS.get(name)
+    if variant is None:
+        raise ValueError(f"unknown Qwen trainer '{name}' (known: {', '.join(VARIANTS)})")
+    return variant
