@@ -1,9 +1,19 @@
-"""Errors a user can cause. The CLI turns them into one message and exit code 2 (``--debug``: traceback)."""
+"""Errors the CLI reports as one message and an exit code, without a traceback (``--debug`` shows it).
+
+``UserError`` (exit 2): a mistake the user can fix. ``TrainingStopped`` (exit 3): the run stopped itself on
+purpose (diverged loss), keeping its last good checkpoint.
+"""
 
 from __future__ import annotations
 
 
-class UserError(Exception):
+class QfluxError(Exception):
+    """Base of errors that end a command with ``exit_code`` and ``str(err)`` as the whole message."""
+
+    exit_code = 1
+
+
+class UserError(QfluxError):
     """A mistake the user can fix (config, data, paths, missing plugin). ``str(err)`` is the whole message."""
 
     exit_code = 2
@@ -19,3 +29,9 @@ class DataError(UserError):
 
 class PluginError(UserError):
     """A plugin is missing, broken or conflicts with another one."""
+
+
+class TrainingStopped(QfluxError):
+    """The run stopped on purpose (non-finite loss); the message says why and which checkpoint is kept."""
+
+    exit_code = 3

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from qflux.cli import cache_cmd, config_cmd, data_cmd, plugins_cmd, sample_cmd, train_cmd
-from qflux.errors import UserError
+from qflux.errors import QfluxError
 
 app = typer.Typer(
     name="qflux",
@@ -35,8 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     try:
         app(args=args, prog_name="qflux")
-    except UserError as err:
+    except QfluxError as err:
         if debug:
             raise
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {err}", markup=True)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)

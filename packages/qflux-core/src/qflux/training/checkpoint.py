@@ -7,7 +7,9 @@ Everything is read back through safetensors or ``torch.load(weights_only=True)``
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -16,7 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+
+from qflux.errors import UserError
 
 MANIFEST = "manifest.json"
 LORA = "lora.safetensors"
@@ -56,38 +61,72 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_failure(err: OSError, what: str, key: str = "output.dir") -> UserError:
+    """A ``UserError`` for a failed write of ``what`` (a full disk, a read-only folder, a file size limit):
+    names the file and the reason and says what to do."""
+    reason = err.strerror or str(err)
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"the disk is full: free space on it or set {key} to a disk with room"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = f"the folder is not writable: make it writable or set {key} to a writable folder"
+    elif err.errno == errno.EFBIG:
+        fix = "a file size limit stopped the write (ulimit -f): raise it"
+    else:
+        fix = f"check the disk or set {key} to another folder"
+    return UserError(f"cannot write {what}{where}: {reason}; {fix}")
+
+
+def _write(path: Path, data: bytes | memoryview) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(
     output_dir: Path,
     position: TrainingPosition,
     lora: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     lr_scheduler: object,
-    generator: torch.Generator,
+    generator_state: torch.Tensor,
     keep: int,
 ) -> Path:
-    """Write a checkpoint atomically, then delete all but the newest ``keep``."""
+    """Write a checkpoint atomically, then delete all but the newest ``keep``.
+
+    The files are serialised in memory and written with plain file I/O, so that a full disk (or a read-only
+    folder) surfaces as an ``OSError`` naming the file; it becomes a ``UserError`` saying which checkpoint is
+    still the latest good one. Nothing of the failed checkpoint is left behind.
+    """
     final = checkpoint_dir(output_dir, position.step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+    tmp: Path | None = None
     try:
-        save_file(lora, str(tmp / LORA))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-             "generator": generator.get_state()},
-            tmp / TRAINING,
-        )
-        (tmp / STATE).write_text(json.dumps(asdict(position), indent=2))
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                 for name in (LORA, TRAINING, STATE)}
-        (tmp / MANIFEST).write_text(json.dumps(files, indent=2))
-        for name in (LORA, TRAINING, STATE, MANIFEST):
-            with (tmp / name).open("rb") as f:
-                os.fsync(f.fileno())
+        buffer = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                    "generator": generator_state}, buffer)
+        payloads = {LORA: save_safetensors(lora), TRAINING: buffer.getbuffer(),
+                    STATE: json.dumps(asdict(position), indent=2).encode()}
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+        files = {}
+        for name, data in payloads.items():
+            _write(tmp / name, data)
+            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        _write(tmp / MANIFEST, json.dumps(files, indent=2).encode())
         if final.exists():
             shutil.rmtree(final)
         tmp.replace(final)
+    except OSError as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p for p in list_checkpoints(output_dir) if p != final]
+        kept = f"the latest good checkpoint is {previous[-1]}" if previous else "no checkpoint was written yet"
+        raise UserError(f"{write_failure(err, f'checkpoint {final}')}. Nothing of it was kept and {kept}: "
+                        "continue from it with --resume once fixed") from err
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from qflux.cache.build import open_cache
 from qflux.config.schema import QfluxConfig
-from qflux.errors import UserError
+from qflux.errors import TrainingStopped, UserError
 from qflux.plugins import Registry, build_registry
 from qflux.training import checkpoint as ckpt
 from qflux.training.batching import BucketBatchSampler, collate
@@ -56,6 +56,10 @@ def config_fingerprint(config: QfluxConfig) -> str:
                                                                  "timestep_sampling"}),
     }
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _step_of(checkpoint_path: Path) -> int:
+    return int(checkpoint_path.name.removeprefix("step-"))
 
 
 def _signature_of(sample: EncodedSample) -> object:
@@ -203,12 +207,13 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         metrics.image("validation", image, at_step)
         console.print(f"step {at_step}: validation samples -> {path}")
 
-    def save(at_step: int) -> None:
+    def save(position: ckpt.TrainingPosition, rng_state: torch.Tensor) -> Path | None:
+        path = None
         if is_main:
-            position = ckpt.TrainingPosition(at_step, epoch, batch_in_epoch, fingerprint)
-            ckpt.save_checkpoint(output_dir, position, lora_state_dict(accelerator.unwrap_model(transformer)),
-                                 optimizer, lr_scheduler, generator, config.train.keep_checkpoints)
+            path = ckpt.save_checkpoint(output_dir, position, lora_state_dict(accelerator.unwrap_model(transformer)),
+                                        optimizer, lr_scheduler, rng_state, config.train.keep_checkpoints)
         accelerator.wait_for_everyone()
+        return path
 
     result.val_loss_start = evaluate()
     if result.val_loss_start is not None:
@@ -222,46 +227,69 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     max_steps = config.train.max_steps
     started = time.perf_counter()
     micro_loss: list[float] = []
-    with TrainProgress(console, total=max_steps, start=step, enabled=is_main) as progress:
-        while step < max_steps:
-            epoch_batches = _batches_for_rank(sampler, epoch, accelerator.process_index, accelerator.num_processes)
-            while batch_in_epoch < len(epoch_batches) and step < max_steps:
-                indices = epoch_batches[batch_in_epoch]
-                batch_in_epoch += 1
-                samples = _apply_caption_dropout([train_set[i] for i in indices], config.data.caption_dropout,
-                                                 generator)
-                batch: Batch = collate(samples).to(device, dtype)
-                with accelerator.accumulate(transformer), accelerator.autocast():
-                    loss = training_loss(hook, trainer, transformer, batch, config, generator)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"loss is {float(loss)} at step {step + 1} (batch {batch.keys}); "
-                                           "the last checkpoint is kept. Lower train.lr or check the data.")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.train.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro_loss.append(float(loss.detach()))
-                if not accelerator.sync_gradients:
-                    continue
-                lr_scheduler.step()
-                step += 1
-                step_loss = sum(micro_loss) / len(micro_loss)
-                micro_loss.clear()
-                result.losses.append(step_loss)
-                lr = lr_scheduler.get_last_lr()[0]
-                progress.update(step, step_loss, lr)
-                if metrics and step % config.train.log_every == 0:
-                    metrics.log(step, loss=step_loss, lr=lr, elapsed=round(time.perf_counter() - started, 3))
-                if config.validation.every and step % config.validation.every == 0 and step < max_steps:
-                    val = evaluate()
-                    if metrics and val is not None:
-                        metrics.log(step, val_loss=val)
-                    sample_validation(step)
-                if config.train.save_every and step % config.train.save_every == 0 and step < max_steps:
-                    save(step)
-            if batch_in_epoch >= len(epoch_batches):
-                epoch, batch_in_epoch = epoch + 1, 0
+    # The state at the last optimizer step: what a checkpoint records (an interrupted gradient accumulation
+    # is replayed on resume, so a resumed run equals an uninterrupted one).
+    boundary = ckpt.TrainingPosition(step, epoch, batch_in_epoch, fingerprint)
+    boundary_rng = generator.get_state()
+    try:
+        with TrainProgress(console, total=max_steps, start=step, enabled=is_main) as progress:
+            while step < max_steps:
+                epoch_batches = _batches_for_rank(sampler, epoch, accelerator.process_index, accelerator.num_processes)
+                while batch_in_epoch < len(epoch_batches) and step < max_steps:
+                    indices = epoch_batches[batch_in_epoch]
+                    batch_in_epoch += 1
+                    samples = _apply_caption_dropout([train_set[i] for i in indices], config.data.caption_dropout,
+                                                     generator)
+                    batch: Batch = collate(samples).to(device, dtype)
+                    with accelerator.accumulate(transformer), accelerator.autocast():
+                        loss = training_loss(hook, trainer, transformer, batch, config, generator)
+                        value = float(loss.detach())
+                        if not math.isfinite(value):
+                            kept = ckpt.latest_valid(output_dir, console.print)
+                            raise TrainingStopped(
+                                f"loss is {value} at step {step + 1} (samples {', '.join(batch.keys)}): training "
+                                f"diverged. Last good checkpoint: {kept or 'none'}. Lower train.lr, set "
+                                "train.max_grad_norm, or check these samples; then resume with --resume.")
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and config.train.max_grad_norm:
+                            accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    micro_loss.append(value)
+                    if not accelerator.sync_gradients:
+                        continue
+                    lr_scheduler.step()
+                    step += 1
+                    step_loss = sum(micro_loss) / len(micro_loss)
+                    micro_loss.clear()
+                    epoch_done = batch_in_epoch >= len(epoch_batches)
+                    boundary = ckpt.TrainingPosition(step, epoch + 1 if epoch_done else epoch,
+                                                     0 if epoch_done else batch_in_epoch, fingerprint)
+                    boundary_rng = generator.get_state()
+                    result.losses.append(step_loss)
+                    lr = lr_scheduler.get_last_lr()[0]
+                    progress.update(step, step_loss, lr)
+                    if metrics and step % config.train.log_every == 0:
+                        metrics.log(step, loss=step_loss, lr=lr, elapsed=round(time.perf_counter() - started, 3))
+                    if config.validation.every and step % config.validation.every == 0 and step < max_steps:
+                        val = evaluate()
+                        if metrics and val is not None:
+                            metrics.log(step, val_loss=val)
+                        sample_validation(step)
+                    if config.train.save_every and step % config.train.save_every == 0 and step < max_steps:
+                        save(boundary, boundary_rng)
+                if batch_in_epoch >= len(epoch_batches):
+                    epoch, batch_in_epoch = epoch + 1, 0
+    except KeyboardInterrupt:
+        if boundary.step > (resume_step := (result.resumed_from and _step_of(result.resumed_from)) or 0):
+            path = save(boundary, boundary_rng)
+            console.print(f"interrupted: checkpoint of step {boundary.step} written to {path}; "
+                          "continue with: qflux train --config ... --resume")
+        else:
+            console.print(f"interrupted before the first optimizer step after step {resume_step}; nothing to save")
+        if metrics:
+            metrics.close()
+        raise
 
     result.steps = step
     result.val_loss_end = evaluate()
@@ -270,7 +298,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     if config.validation.every:
         sample_validation(step)
     if config.train.save_every:
-        save(step)
+        save(boundary, boundary_rng)
     if is_main:
         if result.val_loss_end is not None:
             metrics.log(step, val_loss=result.val_loss_end)
