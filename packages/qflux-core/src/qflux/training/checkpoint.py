@@ -1,4 +1,6 @@
-"""Training checkpoints: ``checkpoints/step-000250/`` with LoRA, optimizer, LR scheduler, RNG and data position.
+"""Training checkpoints: ``checkpoints/step-000250/`` with LoRA, optimizer, LR scheduler and data position.
+
+No RNG state is needed: each sample's noise is a function of (seed, epoch, sample) (``step.sample_generator``).
 
 A checkpoint is written into a temporary folder and renamed into place, and carries a manifest of its
 files' sizes and sha256, so a half-written or corrupt checkpoint is detected and skipped on resume.
@@ -46,7 +48,6 @@ class Checkpoint:
     lora: dict[str, torch.Tensor]
     optimizer: dict
     lr_scheduler: dict
-    generator_state: torch.Tensor
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -90,7 +91,6 @@ def save_checkpoint(
     lora: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     lr_scheduler: object,
-    generator_state: torch.Tensor,
     keep: int,
 ) -> Path:
     """Write a checkpoint atomically, then delete all but the newest ``keep``.
@@ -103,8 +103,7 @@ def save_checkpoint(
     tmp: Path | None = None
     try:
         buffer = io.BytesIO()
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "generator": generator_state}, buffer)
+        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, buffer)
         payloads = {LORA: save_safetensors(lora), TRAINING: buffer.getbuffer(),
                     STATE: json.dumps(asdict(position), indent=2).encode()}
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +164,6 @@ def load_checkpoint(path: Path) -> Checkpoint:
         lora=load_file(str(path / LORA)),
         optimizer=training["optimizer"],
         lr_scheduler=training["lr_scheduler"],
-        generator_state=training["generator"],
     )
 
 

@@ -29,7 +29,7 @@ from qflux.training.lora import attach_lora, export_lora, load_lora_state, lora_
 from qflux.training.metrics import MetricsLog, plot_loss
 from qflux.training.optim import build_lr_scheduler, build_optimizer
 from qflux.training.progress import TrainProgress
-from qflux.training.step import training_loss, validation_loss
+from qflux.training.step import sample_generator, training_loss, validation_loss_sum
 from qflux.types import Batch, EncodedSample, ModelBundle
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,6 +44,7 @@ class TrainResult:
     val_loss_start: float | None = None
     val_loss_end: float | None = None
     resumed_from: Path | None = None
+    lora: dict[str, torch.Tensor] = field(default_factory=dict)  # final LoRA tensors of this process (CPU)
 
 
 def config_fingerprint(config: QfluxConfig) -> str:
@@ -66,11 +67,12 @@ def _signature_of(sample: EncodedSample) -> object:
     return sample.signature
 
 
-def _apply_caption_dropout(samples: list[EncodedSample], p: float, generator: torch.Generator) -> list[EncodedSample]:
+def _apply_caption_dropout(samples: list[EncodedSample], p: float,
+                           generators: list[torch.Generator]) -> list[EncodedSample]:
     if p <= 0:
         return samples
     out = []
-    for s in samples:
+    for s, generator in zip(samples, generators):
         drop = float(torch.rand((), generator=generator)) < p
         if drop and s.empty_prompt is not None:
             s = EncodedSample(key=s.key, latents=s.latents, grid=s.grid, prompt=s.empty_prompt, controls=s.controls,
@@ -80,12 +82,19 @@ def _apply_caption_dropout(samples: list[EncodedSample], p: float, generator: to
 
 
 def _batches_for_rank(sampler: BucketBatchSampler, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's share of one epoch; every rank gets the same count (short ranks repeat their first batches,
-    so collective ops never wait on a missing rank)."""
-    batches = sampler.epoch(epoch)
-    per_rank = math.ceil(len(batches) / world)
-    mine = batches[rank::world]
-    return (mine + mine[: per_rank - len(mine)])[:per_rank] if mine else batches[:per_rank]
+    """This rank's micro-batches of one epoch.
+
+    The sampler cuts global batches of ``batch_size * world`` samples of one signature; rank r takes the r-th
+    slice of each, so the optimizer sees the same global batches whatever the process count. A short last
+    global batch is padded with its own samples so that every rank runs the same number of micro-batches
+    (collectives never wait on a missing rank); only then is a sample seen twice in an epoch.
+    """
+    size = sampler.batch_size // world
+    mine = []
+    for global_batch in sampler.epoch(epoch):
+        padded = global_batch * (-(-size * world // len(global_batch)))
+        mine.append(padded[rank * size : (rank + 1) * size])
+    return mine
 
 
 def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | Path = False,
@@ -101,8 +110,11 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     trainer = registry.trainer(config.trainer)
     if config.model.quantize:
         registry.quantizer(config.model.quantize)
+    # Without a GPU, ask accelerate for CPU explicitly: only then does a torchrun-style launch
+    # (`accelerate launch --multi_gpu`) become a multi-process gloo run instead of N single-process runs.
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
-                              gradient_accumulation_steps=config.train.grad_accum)
+                              gradient_accumulation_steps=config.train.grad_accum,
+                              cpu=not torch.accelerator.is_available())
     is_main = accelerator.is_main_process
     console = console or Console(stderr=True, quiet=not is_main)
     output_dir = Path(config.output.dir)
@@ -132,8 +144,14 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
 
     # ---- encode first (or read the cache), so encoders and transformer need not share memory
     encoders = LazyEncoders(hook, trainer, config)
+    rank, world = accelerator.process_index, accelerator.num_processes
     cache, context = open_cache(config, registry, console) if config.cache.enabled else (None, None)
-    with console.status("encoding the dataset"), accelerator.main_process_first():
+    with console.status("encoding the dataset"):
+        if cache is not None and world > 1:  # each rank fills its share of the cache, then all read it whole
+            encode_records((train_records + holdout_records)[rank::world], hook, trainer, encoders, config, cache,
+                           context)
+            accelerator.wait_for_everyone()
+            cache, context = open_cache(config, registry, console)  # re-read the index the others appended to
         train_set = encode_records(train_records, hook, trainer, encoders, config, cache, context)
         holdout_set = encode_records(holdout_records, hook, trainer, encoders, config, cache, context)
 
@@ -164,7 +182,6 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     # ---- optimisation state
     optimizer = build_optimizer(params, config.train)
     lr_scheduler = build_lr_scheduler(optimizer, config.train)
-    generator = torch.Generator().manual_seed(config.train.seed * 7919 + accelerator.process_index)
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path)
@@ -174,44 +191,58 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         load_lora_state(transformer, state.lora)
         optimizer.load_state_dict(state.optimizer)
         lr_scheduler.load_state_dict(state.lr_scheduler)
-        generator.set_state(state.generator_state)
         step, epoch, batch_in_epoch = state.position.step, state.position.epoch, state.position.batch_in_epoch
         console.print(f"resumed from {resume_path} at step {step}")
 
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     device = accelerator.device
-    sampler = BucketBatchSampler([_signature_of(s) for s in train_set], config.train.batch_size, config.train.seed)
-    holdout_batches = [collate([s]).to(device, dtype) for s in holdout_set]
+    sampler = BucketBatchSampler([_signature_of(s) for s in train_set], config.train.batch_size * world,
+                                 config.train.seed)
+    holdout_batches = [collate([s]).to(device, dtype) for s in holdout_set[rank::world]]
     result = TrainResult(output_dir=output_dir, lora_path=None, steps=step, resumed_from=resume_path)
     metrics = MetricsLog(output_dir) if is_main else None
 
     def evaluate() -> float | None:
-        if not holdout_batches:
+        if not holdout_set:
             return None
         transformer.eval()
-        value = validation_loss(hook, trainer, transformer, holdout_batches, config, config.validation.seed)
+        total, count = validation_loss_sum(hook, trainer, transformer, holdout_batches, config,
+                                           config.validation.seed)
         transformer.train()
-        return value
+        if world > 1:
+            summed = accelerator.reduce(torch.tensor([total, float(count)], device=device), reduction="sum")
+            total, count = float(summed[0]), int(summed[1])
+        return total / count
 
     def sample_validation(at_step: int) -> None:
-        if not (sampling_on and is_main):
+        """Each rank renders its share of the cases on the unwrapped model (no collective inside), then one
+        gather brings them to the main process: no rank can wait on another mid-sampling."""
+        if not sampling_on:
             return
+        from accelerate.utils import gather_object
+
         from qflux.training.validation import grid, render, save_grid
 
         transformer.eval()
         bundle = ModelBundle(trainer=trainer, model=config.model, transformer=accelerator.unwrap_model(transformer),
                              encoders=encoders.get())
-        image = grid(validation_cases, render(hook, bundle, validation_cases))
+        mine = list(range(len(validation_cases)))[rank::world]
+        rendered = list(zip(mine, render(hook, bundle, [validation_cases[i] for i in mine])))
         transformer.train()
-        path = save_grid(output_dir, at_step, image)
-        metrics.image("validation", image, at_step)
-        console.print(f"step {at_step}: validation samples -> {path}")
+        if world > 1:
+            rendered = gather_object(rendered)
+        if is_main:
+            images = [image for _, image in sorted(rendered, key=lambda pair: pair[0])]
+            image = grid(validation_cases, images)
+            path = save_grid(output_dir, at_step, image)
+            metrics.image("validation", image, at_step)
+            console.print(f"step {at_step}: validation samples -> {path}")
 
-    def save(position: ckpt.TrainingPosition, rng_state: torch.Tensor) -> Path | None:
+    def save(position: ckpt.TrainingPosition) -> Path | None:
         path = None
         if is_main:
             path = ckpt.save_checkpoint(output_dir, position, lora_state_dict(accelerator.unwrap_model(transformer)),
-                                        optimizer, lr_scheduler, rng_state, config.train.keep_checkpoints)
+                                        optimizer, lr_scheduler, config.train.keep_checkpoints)
         accelerator.wait_for_everyone()
         return path
 
@@ -230,7 +261,6 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     # The state at the last optimizer step: what a checkpoint records (an interrupted gradient accumulation
     # is replayed on resume, so a resumed run equals an uninterrupted one).
     boundary = ckpt.TrainingPosition(step, epoch, batch_in_epoch, fingerprint)
-    boundary_rng = generator.get_state()
     try:
         with TrainProgress(console, total=max_steps, start=step, enabled=is_main) as progress:
             while step < max_steps:
@@ -238,11 +268,12 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
                 while batch_in_epoch < len(epoch_batches) and step < max_steps:
                     indices = epoch_batches[batch_in_epoch]
                     batch_in_epoch += 1
-                    samples = _apply_caption_dropout([train_set[i] for i in indices], config.data.caption_dropout,
-                                                     generator)
+                    samples = [train_set[i] for i in indices]
+                    generators = [sample_generator(config.train.seed, epoch, s.key) for s in samples]
+                    samples = _apply_caption_dropout(samples, config.data.caption_dropout, generators)
                     batch: Batch = collate(samples).to(device, dtype)
                     with accelerator.accumulate(transformer), accelerator.autocast():
-                        loss = training_loss(hook, trainer, transformer, batch, config, generator)
+                        loss = training_loss(hook, trainer, transformer, batch, config, generators)
                         value = float(loss.detach())
                         if not math.isfinite(value):
                             kept = ckpt.latest_valid(output_dir, console.print)
@@ -265,7 +296,6 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
                     epoch_done = batch_in_epoch >= len(epoch_batches)
                     boundary = ckpt.TrainingPosition(step, epoch + 1 if epoch_done else epoch,
                                                      0 if epoch_done else batch_in_epoch, fingerprint)
-                    boundary_rng = generator.get_state()
                     result.losses.append(step_loss)
                     lr = lr_scheduler.get_last_lr()[0]
                     progress.update(step, step_loss, lr)
@@ -277,12 +307,12 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
                             metrics.log(step, val_loss=val)
                         sample_validation(step)
                     if config.train.save_every and step % config.train.save_every == 0 and step < max_steps:
-                        save(boundary, boundary_rng)
+                        save(boundary)
                 if batch_in_epoch >= len(epoch_batches):
                     epoch, batch_in_epoch = epoch + 1, 0
     except KeyboardInterrupt:
         if boundary.step > (resume_step := (result.resumed_from and _step_of(result.resumed_from)) or 0):
-            path = save(boundary, boundary_rng)
+            path = save(boundary)
             console.print(f"interrupted: checkpoint of step {boundary.step} written to {path}; "
                           "continue with: qflux train --config ... --resume")
         else:
@@ -292,13 +322,14 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         raise
 
     result.steps = step
+    result.lora = lora_state_dict(accelerator.unwrap_model(transformer))
     result.val_loss_end = evaluate()
     if result.val_loss_end is not None:
         console.print(f"held-out validation loss at step {step}: {result.val_loss_end:.5f}")
     if config.validation.every:
         sample_validation(step)
     if config.train.save_every:
-        save(boundary, boundary_rng)
+        save(boundary)
     if is_main:
         if result.val_loss_end is not None:
             metrics.log(step, val_loss=result.val_loss_end)

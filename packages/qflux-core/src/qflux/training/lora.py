@@ -7,6 +7,7 @@ written by the trainer's own pipeline class so that ``Pipeline.load_lora_weights
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import torch
@@ -74,18 +75,56 @@ def export_lora(transformer: torch.nn.Module, trainer: TrainerInfo, lora: LoraCo
     """Write ``directory/pytorch_lora_weights.safetensors`` in diffusers format (with adapter metadata)."""
     import tempfile
 
-    directory.mkdir(parents=True, exist_ok=True)
+    from qflux.training.checkpoint import write_failure
+
     metadata = peft_config(lora).to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as tmp:  # atomic: write, then rename
-        pipeline_class(trainer).save_lora_weights(
-            save_directory=tmp,
-            transformer_lora_layers=lora_state_dict(transformer),
-            transformer_lora_adapter_metadata=metadata,
-            weight_name=LORA_FILE,
-        )
-        Path(tmp, LORA_FILE).replace(directory / LORA_FILE)
-    return directory / LORA_FILE
+    target = directory / LORA_FILE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as tmp:  # atomic: write, then rename
+            try:
+                pipeline_class(trainer).save_lora_weights(
+                    save_directory=tmp,
+                    transformer_lora_layers=lora_state_dict(transformer),
+                    transformer_lora_adapter_metadata=metadata,
+                    weight_name=LORA_FILE,
+                )
+            except Exception as err:  # safetensors reports a failed write as SafetensorError("... (os error N)")
+                raise _as_os_error(err, Path(tmp, LORA_FILE)) from err
+            Path(tmp, LORA_FILE).replace(target)
+    except OSError as err:
+        raise write_failure(err, f"the LoRA {target}") from err
+    return target
+
+
+def _as_os_error(err: Exception, path: Path) -> Exception:
+    """``err`` as an ``OSError`` when it is an I/O failure reported by another library, else ``err``."""
+    import re
+
+    if isinstance(err, OSError):
+        return err
+    match = re.search(r"os error (\d+)", str(err))
+    if match:
+        code = int(match[1])
+        return OSError(code, os.strerror(code), str(path))
+    return err
+
+
+def lora_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a safetensors LoRA file, read from its header (no tensor is loaded).
+    ``UserError`` when the file is missing or not safetensors (pickled files are never unpickled)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise UserError(f"--lora: LoRA file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"--lora {path}: not a readable safetensors LoRA file ({err}); qflux reads LoRAs only "
+                        "as .safetensors (pickled .bin/.ckpt/.pt files are refused): convert it or use the "
+                        "pytorch_lora_weights.safetensors of a qflux run") from err
 
 
 def load_lora_file(transformer: torch.nn.Module, path: Path) -> None:
@@ -94,21 +133,32 @@ def load_lora_file(transformer: torch.nn.Module, path: Path) -> None:
     A file whose keys name modules this transformer does not have (a LoRA of another model family) is a
     user error, not a silent no-op.
     """
-    from safetensors import SafetensorsError, safe_open
-
-    if not path.is_file():
-        raise UserError(f"LoRA file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except (SafetensorsError, OSError, ValueError) as err:
-        raise UserError(f"{path}: not a readable safetensors LoRA file ({err})") from err
-    modules = {name for name, _ in transformer.named_modules()}
-    lora_keys = [k for k in keys if ".lora_A." in k or ".lora_B." in k or ".lora_down." in k or ".lora_up." in k]
+    shapes = lora_file_shapes(path)
+    modules = dict(transformer.named_modules())
+    lora_keys = [k for k in shapes if ".lora_A." in k or ".lora_B." in k or ".lora_down." in k or ".lora_up." in k]
     targets = {k.removeprefix("transformer.").split(".lora_")[0] for k in lora_keys}
     unknown = sorted(t for t in targets if t not in modules)
+    hint = "use a LoRA trained for this trainer's model family, or set trainer / model.pretrained to its model"
     if not lora_keys or unknown:
         example = f" (e.g. {unknown[0]})" if unknown else ""
-        raise UserError(f"{path} is not a LoRA for this {type(transformer).__name__}: "
-                        f"{len(unknown) or 'no'} of its target modules do not exist{example}")
+        raise UserError(f"--lora {path} is not a LoRA for this {type(transformer).__name__}: "
+                        f"{len(unknown) or 'no'} of its target modules do not exist{example}; {hint}")
+    for key in lora_keys:  # same module names, other sizes: a LoRA of another model of the family
+        problem = _misfit(modules[key.removeprefix("transformer.").split(".lora_")[0]], key, shapes[key])
+        if problem:
+            raise UserError(f"--lora {path} does not fit this {type(transformer).__name__}: {key} {problem}; {hint}")
     transformer.load_lora_adapter(str(path), prefix="transformer", adapter_name=ADAPTER)
+
+
+def _misfit(module: torch.nn.Module, key: str, shape: tuple[int, ...]) -> str | None:
+    """Why the LoRA tensor ``key`` of ``shape`` cannot sit on ``module`` (None: it fits, or is not checked).
+    A / down matrices are ``[rank, in_features]``, B / up matrices ``[out_features, rank]``."""
+    base = getattr(module, "base_layer", module)
+    in_f, out_f = getattr(base, "in_features", None), getattr(base, "out_features", None)
+    if in_f is None or out_f is None or not key.endswith(".weight") or len(shape) != 2:
+        return None
+    if (".lora_A." in key or ".lora_down." in key) and shape[1] != in_f:
+        return f"has shape {list(shape)} but the module takes {in_f} input features"
+    if (".lora_B." in key or ".lora_up." in key) and shape[0] != out_f:
+        return f"has shape {list(shape)} but the module has {out_f} output features"
+    return None

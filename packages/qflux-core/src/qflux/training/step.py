@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -26,30 +27,43 @@ def loss_of(hook: Any, prediction: torch.Tensor, noisy: NoisyInput, batch: Batch
     return hook.qflux_loss(prediction=prediction, noisy=noisy, batch=batch, loss=config.loss)
 
 
+def sample_generator(seed: int, epoch: int, key: str) -> torch.Generator:
+    """The random stream of one sample in one epoch (caption dropout, sigma, noise).
+
+    A function of (seed, epoch, sample) only: the same sample gets the same noise whatever the batch size,
+    the process count or an interruption, so 2 processes x batch 1 equal 1 process x batch 2 and a resumed
+    run equals an uninterrupted one without saving RNG state.
+    """
+    digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
 def training_loss(hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch,
-                  config: QfluxConfig, generator: torch.Generator) -> torch.Tensor:
-    """Loss of one micro-batch (already on the device). Noise and sigmas come from ``generator`` (CPU) so
-    a run is reproducible whatever the device."""
+                  config: QfluxConfig, generators: list[torch.Generator]) -> torch.Tensor:
+    """Loss of one micro-batch (already on the device); ``generators[i]`` (CPU) draws sample i's sigma and
+    noise, so a run is reproducible whatever the device."""
     latents = batch.latents
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-    sigmas = sample_sigmas(latents.shape[0], latents.shape[1], config.train, generator).to(latents.device)
-    noisy = add_noise(latents, sigmas, noise)
+    num_tokens = latents.shape[1]
+    sigmas = torch.cat([sample_sigmas(1, num_tokens, config.train, g) for g in generators]).to(latents.device)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g, dtype=torch.float32) for g in generators])
+    noisy = add_noise(latents, sigmas, noise.to(latents.device, latents.dtype))
     return loss_of(hook, predict(hook, trainer, transformer, batch, noisy, config), noisy, batch, config)
 
 
 @torch.no_grad()
-def validation_loss(hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batches: list[Batch],
-                    config: QfluxConfig, seed: int) -> float:
-    """Mean loss over held-out batches at fixed sigmas and fixed noise: comparable between steps."""
-    generator = torch.Generator().manual_seed(seed)
+def validation_loss_sum(hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batches: list[Batch],
+                        config: QfluxConfig, seed: int) -> tuple[float, int]:
+    """(sum of losses, count) over held-out batches at fixed sigmas with fixed per-sample noise: the mean is
+    comparable between steps and does not depend on how batches are split across processes."""
     total, count = 0.0, 0
     for batch in batches:
         latents = batch.latents
+        generators = [sample_generator(seed, -1, key) for key in batch.keys]
         for sigma in VALIDATION_SIGMAS:
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
             sigmas = torch.full((latents.shape[0],), sigma, device=latents.device)
-            noisy = add_noise(latents, sigmas, noise)
+            noisy = add_noise(latents, sigmas, noise.to(latents.device, latents.dtype))
             loss = loss_of(hook, predict(hook, trainer, transformer, batch, noisy, config), noisy, batch, config)
             total += float(loss) * latents.shape[0]
             count += latents.shape[0]
-    return total / max(count, 1)
+    return total, count
