@@ -131,10 +131,10 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     elif ckpt.list_checkpoints(output_dir):
         raise UserError(f"{output_dir} already holds checkpoints of a run: pass --resume to continue it, "
                         "or choose another output.dir")
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(
-            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+    if state is not None and state.position.config_fingerprint != fingerprint:
+        raise UserError(f"checkpoint {resume_path} was written with a different config (model, data or "
+                        "batch settings changed); resume with the original config or start a new output.dir")
 
     set_seed(config.train.seed, device_specific=False)  # model init in plugins that use the global RNG
 
@@ -183,11 +183,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     optimizer = build_optimizer(params, config.train)
     lr_scheduler = build_lr_scheduler(optimizer, config.train)
     step, epoch, batch_in_epoch = 0, 0, 0
-    if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path)
-        if state.position.config_fingerprint != fingerprint:
-            raise UserError(f"checkpoint {resume_path} was written with a different config (model, data or "
-                            "batch settings changed); resume with the original config or start a new output.dir")
+    if state is not None:
         load_lora_state(transformer, state.lora)
         optimizer.load_state_dict(state.optimizer)
         lr_scheduler.load_state_dict(state.lr_scheduler)
@@ -195,6 +191,10 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         console.print(f"resumed from {resume_path} at step {step}")
 
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    if is_main:  # only now: a run that fails while loading leaves no output folder behind
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(
+            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
     device = accelerator.device
     sampler = BucketBatchSampler([_signature_of(s) for s in train_set], config.train.batch_size * world,
                                  config.train.seed)
