@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from qflux.cli import cache_cmd, config_cmd, data_cmd, plugins_cmd, sample_cmd, train_cmd
 from qflux.errors import QfluxError
+
+# errno values of a failed write that the user fixes (disk full, quota, read-only file system, ulimit -f)
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 app = typer.Typer(
     name="qflux",
@@ -33,13 +39,24 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    # bitsandbytes warns at import on CPU-only machines about an optional kernel package; it is not actionable
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         app(args=args, prog_name="qflux")
     except QfluxError as err:
         if debug:
             raise
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {err}", markup=True)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}",
+                                                                   markup=True)
         sys.exit(err.exit_code)
+    except OSError as err:  # a full disk or a read-only folder the writers did not name themselves
+        if debug or err.errno not in _DISK_ERRNOS or not err.filename:
+            raise
+        from qflux.training.checkpoint import write_failure
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"[bold red]error:[/] {escape(str(write_failure(err, 'a file of the run')))}", markup=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         if debug:
             raise
