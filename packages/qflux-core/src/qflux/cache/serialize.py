@@ -69,3 +69,9 @@ def read_metadata(data: bytes) -> dict[str, str]:
     if n <= 0 or 8 + n > len(data):
         raise ValueError("truncated entry")
     return json.loads(data[8 : 8 + n]).get("__metadata__", {})
+
+
+def signature_from_metadata(metadata: dict[str, str]) -> tuple:
+    """The batching signature ``(grid, control_grids)`` stored in an entry's header."""
+    header = json.loads(metadata["qflux"])
+    return tuple(header["grid"]), tuple(tuple(g) for g in header["control_grids"])

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qflux.cache.serialize import from_bytes, read_metadata, to_bytes
+from qflux.cache.serialize import from_bytes, read_metadata, signature_from_metadata, to_bytes
+from qflux.errors import UserError
 from qflux.types import EncodedSample
 
 INDEX = "index.jsonl"
@@ -84,16 +85,23 @@ class EmbeddingCache:
         data = to_bytes(sample)
         stamp = EntryStamp(len(data), hashlib.sha256(data).hexdigest())
         path = self.path_of(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}-")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            self._append_index(key, stamp)
+        except BaseException as err:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise UserError(
+                    f"cache.dir: cannot write the cache entry {err.filename or path} ({err.strerror or err}); "
+                    "free space there, set cache.dir to another folder, or set cache.enabled: false"
+                ) from err
             raise
-        self._append_index(key, stamp)
         self._index.setdefault(key, set()).add(stamp)
 
     def get(self, key: str) -> EncodedSample | None:
@@ -117,6 +125,16 @@ class EmbeddingCache:
         self.warn(f"cache entry {self.path_of(key)}: {problem}; re-encoding it")
         self.drop(key)
         return None
+
+    def signature(self, key: str) -> tuple | None:
+        """The entry's batching signature from its header alone (no tensor read); None if unreadable."""
+        try:
+            with self.path_of(key).open("rb") as f:
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                return signature_from_metadata(read_metadata(head + f.read(n)))
+        except (OSError, ValueError, KeyError):
+            return None
 
     def drop(self, key: str) -> None:
         self._index.pop(key, None)

@@ -1,23 +1,28 @@
 """Turn data records into ``EncodedSample``s through the trainer's ``qflux_encode`` hook.
 
-The encoders are loaded lazily (``LazyEncoders``) so a run that needs no encoding never loads them.
+The encoders are loaded lazily (``LazyEncoders``) so a run that needs no encoding never loads them, and
+moved to the training device for encoding. With the cache on, training reads each sample from disk when
+its batch comes (``CachedSamples``): RAM holds one batch, not the dataset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
+
+import torch
 
 from qflux.cache import CacheContext, EmbeddingCache, entry_key
 from qflux.config.schema import QfluxConfig
-from qflux.types import EncodedSample, TrainerInfo
+from qflux.types import EncodedSample, PromptEmbeds, TrainerInfo
 
 
 class LazyEncoders:
     """Loads the trainer's encoders through ``qflux_load_encoders`` on first access, once."""
 
-    def __init__(self, hook: Any, trainer: TrainerInfo, config: QfluxConfig) -> None:
-        self._hook, self._trainer, self._config = hook, trainer, config
+    def __init__(self, hook: Any, trainer: TrainerInfo, config: QfluxConfig, device: Any = None) -> None:
+        self._hook, self._trainer, self._config, self._device = hook, trainer, config, device
         self._value: Any = None
 
     @property
@@ -33,6 +38,8 @@ class LazyEncoders:
             self._value = self._hook.qflux_load_encoders(trainer=self._trainer, model=self._config.model)
             if self._value is None:
                 raise RuntimeError(f"no plugin implements qflux_load_encoders for trainer '{self._trainer.name}'")
+            if self._device is not None and hasattr(self._value, "to"):  # encode on the GPU when there is one
+                self._value = self._value.to(self._device)
         return self._value
 
 
@@ -63,6 +70,7 @@ def encode_records(
         elif on_progress is not None:
             on_progress(1)
     with_empty = config.data.caption_dropout > 0
+    dtype = getattr(torch, config.model.dtype)
     for start in range(0, len(missing), chunk):
         part = missing[start : start + chunk]
         samples = [load_sample(records[i], config.data) for i in part]
@@ -71,9 +79,73 @@ def encode_records(
         if encoded is None:
             raise RuntimeError(f"no plugin implements qflux_encode for trainer '{trainer.name}'")
         for i, sample in zip(part, encoded):
-            out[i] = sample
+            out[i] = sample = in_dtype(sample, dtype)
             if cache is not None and keys[i] is not None:
                 cache.put(keys[i], sample)
         if on_progress is not None:
             on_progress(len(part))
     return out  # type: ignore[return-value]
+
+
+def in_dtype(sample: EncodedSample, dtype: torch.dtype) -> EncodedSample:
+    """Latents and prompt embeddings in the model's dtype (what the step casts them to anyway): halves the
+    cache and the RAM for bf16. The edit mask keeps its precision."""
+
+    def cast(p: PromptEmbeds | None) -> PromptEmbeds | None:
+        if p is None:
+            return None
+        return PromptEmbeds(hidden=p.hidden.to(dtype), mask=p.mask,
+                            pooled=p.pooled.to(dtype) if p.pooled is not None else None)
+
+    return replace(sample, latents=sample.latents.to(dtype), controls=[c.to(dtype) for c in sample.controls],
+                   prompt=cast(sample.prompt), empty_prompt=cast(sample.empty_prompt))
+
+
+class CachedSamples(Sequence):
+    """Training samples read from the embedding cache on access, in the order of ``records``.
+
+    Signatures (for bucketing) come from the entries' headers, so start-up reads no tensors. An entry found
+    corrupt when its batch comes is re-encoded on the spot (loading the encoders then), never used.
+    """
+
+    def __init__(self, records: Sequence[Any], keys: list[str], cache: EmbeddingCache,
+                 reencode: Callable[[Any], EncodedSample]) -> None:
+        self._records, self._keys, self._cache, self._reencode = list(records), keys, cache, reencode
+        self.signatures = [cache.signature(k) or reencode(r).signature for k, r in zip(keys, self._records)]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, index: int) -> EncodedSample:  # type: ignore[override]
+        sample = self._cache.get(self._keys[index])
+        return sample if sample is not None else self._reencode(self._records[index])
+
+
+def fill_cache(records: Sequence[Any], hook: Any, trainer: TrainerInfo, encoders: LazyEncoders,
+               config: QfluxConfig, cache: EmbeddingCache, context: CacheContext) -> list[str]:
+    """Encode the records that have no entry yet into the cache; returns every record's key."""
+    keys = [entry_key(context, r.fingerprint()) for r in records]
+    encode_records([r for r, k in zip(records, keys) if k not in cache], hook, trainer, encoders, config, cache,
+                   context)
+    return keys
+
+
+def prepare_samples(records: Sequence[Any], hook: Any, trainer: TrainerInfo, encoders: LazyEncoders,
+                    config: QfluxConfig, cache: EmbeddingCache | None, context: CacheContext | None,
+                    ) -> Sequence[EncodedSample]:
+    """The training samples: with a cache, every record is encoded into it (missing ones only) and read back
+    lazily; without one, all are encoded into memory."""
+    if cache is None or context is None:
+        return encode_records(records, hook, trainer, encoders, config)
+    keys = fill_cache(records, hook, trainer, encoders, config, cache, context)
+
+    def reencode(record: Any) -> EncodedSample:
+        return encode_records([record], hook, trainer, encoders, config, cache, context)[0]
+
+    return CachedSamples(records, keys, cache, reencode)
+
+
+def signatures_of(samples: Sequence[EncodedSample]) -> list[Any]:
+    if isinstance(samples, CachedSamples):
+        return samples.signatures
+    return [s.signature for s in samples]

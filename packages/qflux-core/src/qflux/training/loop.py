@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,13 @@ from qflux.errors import TrainingStopped, UserError
 from qflux.plugins import Registry, build_registry
 from qflux.training import checkpoint as ckpt
 from qflux.training.batching import BucketBatchSampler, collate
-from qflux.training.encoding import LazyEncoders, encode_records
+from qflux.training.encoding import (
+    LazyEncoders,
+    encode_records,
+    fill_cache,
+    prepare_samples,
+    signatures_of,
+)
 from qflux.training.lora import attach_lora, export_lora, load_lora_state, lora_state_dict
 from qflux.training.metrics import MetricsLog, plot_loss
 from qflux.training.optim import build_lr_scheduler, build_optimizer
@@ -63,10 +69,6 @@ def _step_of(checkpoint_path: Path) -> int:
     return int(checkpoint_path.name.removeprefix("step-"))
 
 
-def _signature_of(sample: EncodedSample) -> object:
-    return sample.signature
-
-
 def _apply_caption_dropout(samples: list[EncodedSample], p: float,
                            generators: list[torch.Generator]) -> list[EncodedSample]:
     if p <= 0:
@@ -75,8 +77,7 @@ def _apply_caption_dropout(samples: list[EncodedSample], p: float,
     for s, generator in zip(samples, generators):
         drop = float(torch.rand((), generator=generator)) < p
         if drop and s.empty_prompt is not None:
-            s = EncodedSample(key=s.key, latents=s.latents, grid=s.grid, prompt=s.empty_prompt, controls=s.controls,
-                              control_grids=s.control_grids, mask=s.mask, empty_prompt=s.empty_prompt)
+            s = replace(s, prompt=s.empty_prompt)
         out.append(s)
     return out
 
@@ -143,16 +144,16 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     train_records, holdout_records = split_holdout(records, config.data.holdout)
 
     # ---- encode first (or read the cache), so encoders and transformer need not share memory
-    encoders = LazyEncoders(hook, trainer, config)
+    encoders = LazyEncoders(hook, trainer, config, accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
     cache, context = open_cache(config, registry, console) if config.cache.enabled else (None, None)
     with console.status("encoding the dataset"):
         if cache is not None and world > 1:  # each rank fills its share of the cache, then all read it whole
-            encode_records((train_records + holdout_records)[rank::world], hook, trainer, encoders, config, cache,
-                           context)
+            fill_cache((train_records + holdout_records)[rank::world], hook, trainer, encoders, config, cache,
+                       context)
             accelerator.wait_for_everyone()
             cache, context = open_cache(config, registry, console)  # re-read the index the others appended to
-        train_set = encode_records(train_records, hook, trainer, encoders, config, cache, context)
+        train_set = prepare_samples(train_records, hook, trainer, encoders, config, cache, context)
         holdout_set = encode_records(holdout_records, hook, trainer, encoders, config, cache, context)
 
     # ---- models
@@ -196,7 +197,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         (output_dir / "config.yaml").write_text(
             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
     device = accelerator.device
-    sampler = BucketBatchSampler([_signature_of(s) for s in train_set], config.train.batch_size * world,
+    sampler = BucketBatchSampler(signatures_of(train_set), config.train.batch_size * world,
                                  config.train.seed)
     holdout_batches = [collate([s]).to(device, dtype) for s in holdout_set[rank::world]]
     result = TrainResult(output_dir=output_dir, lora_path=None, steps=step, resumed_from=resume_path)
