@@ -16,6 +16,7 @@ $(STAMP): constraints.txt requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pypr
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo-kontext  # a fresh run each time; the embedding cache (.qflux-cache) is kept
 	$(VENV)/bin/qflux train --config configs/demo-kontext.yaml
 
 test: $(STAMP)
