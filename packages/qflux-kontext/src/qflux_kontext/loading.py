@@ -3,7 +3,8 @@
 Before any weights are read, the component configs are checked, so that a folder of another model family
 (a Qwen-Image folder, an SDXL folder...) or one missing a component fails with a ``UserError`` naming the
 folder and the problem, instead of a random-initialised module or a deep traceback. Remote code is never
-trusted. The transformer and the encoders are frozen (``requires_grad_(False)``) and in eval mode.
+trusted, and weights are read only from safetensors files (``use_safetensors=True``: a folder holding only
+pickled ``.bin`` weights is refused, never unpickled). The transformer and the encoders are frozen (``requires_grad_(False)``) and in eval mode.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def _read_config(source: str, component: str, filename: str, revision: str | Non
         except (OSError, ValueError) as err:
             raise UserError(
                 f"model.pretrained '{source}': cannot read {component}/{filename} from the hub "
-                f"(revision {revision or 'main'}): {type(err).__name__}: {err}"
+                f"(revision {revision or 'main'}): {type(err).__name__}: {err}; check the connection and that "
+                f"your token (HF_TOKEN or `hf auth login`) has access to the repo, or download it "
+                f"(`hf download {source} --local-dir DIR`) and set model.pretrained to DIR"
             ) from err
     try:
         return json.loads(file.read_text(encoding="utf-8"))
@@ -148,7 +151,7 @@ def load_transformer(model: ModelConfig) -> torch.nn.Module:
         source,
         "transformer",
         lambda: FluxTransformer2DModel.from_pretrained(
-            source, subfolder="transformer", revision=model.revision, torch_dtype=dtype
+            source, subfolder="transformer", revision=model.revision, torch_dtype=dtype, use_safetensors=True
         ),
     )
     return _frozen(transformer)
@@ -176,13 +179,15 @@ def load_encoders(model: ModelConfig) -> KontextEncoders:
             source, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"), rev
         )
         loaders = {
-            "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", revision=rev, torch_dtype=dtype),
+            "vae": lambda: AutoencoderKL.from_pretrained(
+                source, subfolder="vae", revision=rev, torch_dtype=dtype, use_safetensors=True
+            ),
             "text_encoder": lambda: CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", revision=rev, dtype=dtype
+                source, subfolder="text_encoder", revision=rev, dtype=dtype, use_safetensors=True
             ),
             "tokenizer": lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=rev),
             "text_encoder_2": lambda: T5EncoderModel.from_pretrained(
-                source, subfolder="text_encoder_2", revision=rev, dtype=dtype
+                source, subfolder="text_encoder_2", revision=rev, dtype=dtype, use_safetensors=True
             ),
             "tokenizer_2": lambda: T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_2", revision=rev),
         }

@@ -16,12 +16,17 @@ SET_HELP = "Override a config key, e.g. --set train.lr=1e-4 (value parsed as YAM
 
 
 def resolve(path: Path | None, overrides: list[str], trainer: str | None = None) -> QfluxConfig:
-    """Load and validate a config, including that its trainer and quantizer are installed."""
+    """Load and validate a config, including that its trainer and quantizer are installed and that its
+    optimizer and LR scheduler exist."""
+    from qflux.training.optim import check_optimizer, check_scheduler
+
     config = load_config(path, overrides, trainer)
     registry = build_registry()
     registry.trainer(config.trainer)
     if config.model.quantize:
         registry.quantizer(config.model.quantize)
+    check_optimizer(config.train)
+    check_scheduler(config.train)
     return config
 
 
@@ -35,7 +40,8 @@ def check(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     trainer: str | None = typer.Option(None, "--trainer", help="Override the config's trainer."),
 ) -> None:
-    """Validate FILE: schema, types, and that the trainer / quantizer it names are installed."""
+    """Validate FILE: schema, types, that the trainer / quantizer it names are installed, and that its
+    optimizer and LR scheduler exist."""
     config = resolve(file, set_, trainer)
     typer.echo(f"{file}: ok (trainer {config.trainer})")
 

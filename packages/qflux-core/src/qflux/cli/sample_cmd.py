@@ -26,20 +26,34 @@ def sample(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Edit IMG with the base model plus a LoRA and write the result to OUT."""
+    from PIL import Image
+
+    from qflux.config.preflight import check_model_source, check_writable
     from qflux.data import load_sample
     from qflux.data.records import FileImage, SampleRecord
     from qflux.plugins import build_registry
-    from qflux.training.lora import load_lora_file
     from qflux.types import ModelBundle, SampleRequest
 
     cfg = load_config(config, set_, trainer)
     registry = build_registry()
     info = registry.trainer(cfg.trainer)
+    if cfg.model.quantize:
+        registry.quantizer(cfg.model.quantize)
     for path in image:
         if not path.is_file():
             raise UserError(f"--image: file not found: {path}")
     if len(image) > info.max_controls:
         raise UserError(f"trainer '{info.name}' takes at most {info.max_controls} control image(s), got {len(image)}")
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise UserError(f"--out {out}: unknown image type '{out.suffix}'; use a .png, .jpg or .webp file name")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name such as {out / 'edit.png'}")
+    check_writable(out.parent, "--out")
+    from qflux.training.lora import load_lora_file, lora_file_shapes
+
+    if lora is not None:
+        lora_file_shapes(lora)  # a missing or non-safetensors file fails before any model loads
+    check_model_source(cfg, info.pipeline, info.name)
     refs = tuple(FileImage(p) for p in image)
     record = SampleRecord(key="sample", prompt=prompt, target=refs[0] if refs else None, controls=refs)
     request_sample = load_sample(record, cfg.data)

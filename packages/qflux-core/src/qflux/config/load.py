@@ -26,6 +26,9 @@ _Loader.add_implicit_resolver(
 )
 
 
+_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9_]{6,}")
+
+
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
@@ -101,12 +104,18 @@ def explain(error: dict[str, Any]) -> str:
     loc, union = _clean_loc(error["loc"])
     key = _dotted(loc)
     if error["type"] == "extra_forbidden":
+        if "token" in loc[-1].lower() and "token" not in key.rpartition(".")[0]:
+            return (f"unknown key '{key}': qflux never reads a Hugging Face token from a config (the resolved "
+                    "config is saved as output.dir/config.yaml); remove it, set the HF_TOKEN environment variable "
+                    "or run `hf auth login`")
         hints = _did_you_mean(loc)
         return f"unknown key '{key}'" + (f" (did you mean {' or '.join(repr(h) for h in hints)}?)" if hints else "")
     if error["type"] == "missing":
         return f"'{key}' is required"
     got = error.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    if isinstance(got, str) and _TOKEN_RE.search(got):  # never echo a credential pasted into the wrong key
+        got_text = " (got a value that looks like a Hugging Face token: not shown; tokens belong in HF_TOKEN)"
     if union is not None:
         members = [_type_name(a) for a in get_args(union) if a is not type(None)]
         return f"'{key}': expected {', '.join(members[:-1])} or {members[-1]}{got_text}"

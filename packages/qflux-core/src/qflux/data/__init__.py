@@ -7,12 +7,13 @@
 - ``resize``: ``plan_size`` / ``plan_control_size`` (fixed, pixel budget, aspect buckets; sides multiple of 16)
 - ``images``: decoding and normalisation (EXIF, alpha, palette, 16-bit, CMYK) and ``fit``
 - ``load``: ``load_sample(record, data) -> EditSample``
-- ``check``: ``check_dataset(data, base_dir) -> list[DataProblem]`` (``qflux data check``)
+- ``check``: ``check_dataset(data, base_dir) -> list[DataProblem]`` (``qflux data check``) and
+  ``validate_dataset`` (the same check, fatal: run before ``qflux train`` / ``qflux cache`` write anything)
 
 Caption dropout is the trainer's job, not this package's.
 """
 
-from qflux.data.check import DataReport, check_dataset, inspect_dataset
+from qflux.data.check import DataReport, check_dataset, inspect_dataset, validate_dataset
 from qflux.data.images import fit, open_mask, open_rgb
 from qflux.data.load import load_sample
 from qflux.data.records import (
@@ -48,4 +49,5 @@ __all__ = [
     "resize_mode",
     "scan_dataset",
     "split_holdout",
+    "validate_dataset",
 ]

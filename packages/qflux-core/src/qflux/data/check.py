@@ -8,6 +8,9 @@ What is reported (each as ``DataProblem(file, reason)``):
   (longer / shorter side above ``data.max_aspect``), a mask whose size differs from the target's;
 - across samples: a sample with fewer controls than most samples have (a forgotten control image silently
   makes a text-to-image sample), and, when ``max_controls`` is given (the trainer's limit), more than that.
+
+``validate_dataset`` is the same check made fatal: ``qflux train`` and ``qflux cache`` run it before they write
+anything (docs/errors.md, "Bad samples: validated upfront").
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from qflux.config.schema import DataConfig
-from qflux.data.images import open_mask, open_rgb
-from qflux.data.records import DataProblem, ImageRef, SampleRecord
-from qflux.data.sources import scan_dataset
+from qflux.data.images import open_mask, open_rgb, probe_size
+from qflux.data.records import DataProblem, ImageRef, SampleRecord, SourceScan
+from qflux.data.sources import format_problems, scan_dataset
 from qflux.errors import DataError
 
+EMPTY_HINT = "add training_images/<stem>.png with training_images/<stem>.txt (or rows to the manifest)"
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -45,23 +49,27 @@ def _where(ref: ImageRef) -> str:
     return ref.describe()
 
 
-def check_record(record: SampleRecord, data: DataConfig) -> list[DataProblem]:
-    """Decode every image of one record and report what is wrong with it."""
+def check_record(record: SampleRecord, data: DataConfig, decode: bool = True) -> list[DataProblem]:
+    """Decode every image of one record and report what is wrong with it. ``decode=False`` reads only the
+    image headers (sizes): for records already known to decode, e.g. with a verified cache entry."""
     problems: list[DataProblem] = []
     target_size = None
     for role, ref in record.images:
         try:
-            image = open_mask(ref) if role == "mask" else open_rgb(ref, role)
+            if decode:
+                size = (open_mask(ref) if role == "mask" else open_rgb(ref, role)).size
+            else:
+                size = probe_size(ref, role)
         except DataError as err:
             reason = str(err)
             prefix = f"{ref.describe()}: "
             problems.append(DataProblem(_where(ref), reason[len(prefix) :] if reason.startswith(prefix) else reason))
             continue
-        w, h = image.size
+        w, h = size
         if role == "target":
-            target_size = image.size
+            target_size = size
         if role == "mask":
-            if target_size is not None and image.size != target_size:
+            if target_size is not None and size != target_size:
                 problems.append(
                     DataProblem(
                         _where(ref),
@@ -116,19 +124,50 @@ def _map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[R]:
         return list(pool.map(fn, items))
 
 
-def inspect_dataset(data: DataConfig, base_dir: Path | None = None, max_controls: int | None = None) -> DataReport:
-    """Scan and decode the whole dataset; ``DataError`` only when it cannot be opened at all (missing path,
-    unknown scheme, unreadable manifest) or holds nothing."""
+def _inspect(data: DataConfig, base_dir: Path | None, max_controls: int | None,
+             decoded: Callable[[SampleRecord], bool] | None = None) -> tuple[SourceScan, list[DataProblem]]:
     scan = scan_dataset(data, base_dir)
     if not scan.records and not scan.errors and not scan.warnings:
-        raise DataError(f"{scan.description}: no samples found")
+        raise DataError(f"{scan.description}: no samples found; {EMPTY_HINT}")
     problems = [*scan.errors, *scan.warnings]
-    for found in _map(lambda r: check_record(r, data), scan.records, data.workers):
+
+    def one(record: SampleRecord) -> list[DataProblem]:
+        return check_record(record, data, decode=not (decoded is not None and decoded(record)))
+
+    for found in _map(one, scan.records, data.workers):
         problems.extend(found)
     problems.extend(control_count_problems(scan.records, max_controls))
     unique = list(dict.fromkeys(problems))
     unique.sort(key=lambda p: (p.file, p.reason))
-    return DataReport(samples=len(scan.records), problems=unique)
+    return scan, unique
+
+
+def inspect_dataset(data: DataConfig, base_dir: Path | None = None, max_controls: int | None = None) -> DataReport:
+    """Scan and decode the whole dataset; ``DataError`` only when it cannot be opened at all (missing path,
+    unknown scheme, unreadable manifest) or holds nothing."""
+    scan, problems = _inspect(data, base_dir, max_controls)
+    return DataReport(samples=len(scan.records), problems=problems)
+
+
+def validate_dataset(data: DataConfig, base_dir: Path | None = None, max_controls: int | None = None,
+                     decoded: Callable[[SampleRecord], bool] | None = None) -> list[SampleRecord]:
+    """The check ``qflux train`` and ``qflux cache`` run before they write anything: every problem that
+    ``qflux data check`` reports is fatal here, and one ``DataError`` lists them all (the first
+    ``MAX_LISTED``), so a run never stops on a bad sample after hours of work. Returns the records.
+
+    ``decoded(record)`` True means the record's images are known to decode (a verified cache entry holds the
+    encoding of these exact bytes): only their headers are read, so a run with a full cache pays no decoding.
+    """
+    scan, problems = _inspect(data, base_dir, max_controls, decoded)
+    if problems:
+        files = len({p.file for p in problems})
+        raise DataError(
+            f"{scan.description}: {len(problems)} problem(s) in {files} file(s); fix or remove these samples, "
+            f"then run again (`qflux data check --config FILE` lists every problem):\n{format_problems(problems)}"
+        )
+    if not scan.records:
+        raise DataError(f"{scan.description}: no samples found; {EMPTY_HINT}")
+    return scan.records
 
 
 def check_dataset(data: DataConfig, base_dir: Path | None = None, max_controls: int | None = None) -> list[DataProblem]:

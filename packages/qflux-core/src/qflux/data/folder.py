@@ -7,7 +7,8 @@
     control_images/<stem>_mask.<ext>           edit mask (white = edited region)
 
 Records are sorted by stem. Two files for one slot (``a.png`` and ``a.jpg``) are an error; controls, masks
-and prompts without a target are skipped with a warning.
+and prompts without a target are warnings here (``open_records`` skips them) and fatal before a training run
+(``qflux.data.check.validate_dataset``).
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def _record(stem: str, s: _Slots, root: Path, scan: SourceScan) -> SampleRecord 
     if not s.targets:
         for path in [*s.prompts, *s.masks, *(p for ps in s.controls.values() for p in ps)]:
             scan.warnings.append(
-                DataProblem(str(path), f"no target image training_images/{stem}.png (or .jpg/.webp): file skipped")
+                DataProblem(str(path), f"no target image training_images/{stem}.png (or .jpg/.webp) for this file: "
+                                       "add the target or remove the file")
             )
         return None
 

@@ -42,6 +42,25 @@ def decode(ref: ImageRef, role: str = "image") -> Image.Image:
         ) from err
 
 
+def probe_size(ref: ImageRef, role: str = "image") -> tuple[int, int]:
+    """``(width, height)`` as ``decode`` would give it (EXIF rotation applied), reading the header only."""
+    try:
+        image = ref.open()
+        try:
+            w, h = image.size
+            orientation = image.getexif().get(0x0112, 1)
+        finally:
+            image.close()
+    except FileNotFoundError as err:
+        raise DataError(f"{ref.describe()}: {role} image not found ({err.strerror or err})") from err
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file the user must fix
+        reason = str(err) or type(err).__name__
+        raise DataError(
+            f"{ref.describe()}: cannot read the {role} image ({reason}); re-export it as PNG/JPEG/WebP or remove it"
+        ) from err
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
     """16-bit and 32-bit grayscale (and float) images to mode "L", scaling the value range instead of clipping."""
     if image.mode in _SIXTEEN_BIT:

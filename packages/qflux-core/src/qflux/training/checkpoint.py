@@ -156,8 +156,16 @@ def verify(path: Path) -> str | None:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    state = json.loads((path / STATE).read_text())
-    training = torch.load(path / TRAINING, map_location="cpu", weights_only=True)
+    """Read a checkpoint: tensors through safetensors, the optimizer / scheduler state through
+    ``torch.load(weights_only=True)`` (tensors and plain containers only: a file holding other objects is
+    refused with a ``UserError``, never unpickled)."""
+    try:
+        state = json.loads((path / STATE).read_text())
+        training = torch.load(path / TRAINING, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError (a refused object), a torn file, bad JSON
+        raise UserError(f"checkpoint {path}: cannot read {TRAINING} / {STATE} safely ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); resume from another checkpoint "
+                        "(--resume-from) or start a new output.dir") from err
     return Checkpoint(
         path=path,
         position=TrainingPosition(**state),

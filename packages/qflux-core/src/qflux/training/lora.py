@@ -40,7 +40,18 @@ def attach_lora(transformer: torch.nn.Module, lora: LoraConfig) -> list[torch.nn
     full = {name for name, _ in transformer.named_modules()}
     missing = [t for t in lora.targets if t not in names and not any(n.endswith("." + t) for n in full)]
     if missing:
-        raise ConfigError(f"model.lora.targets: no module named {missing} in {type(transformer).__name__}")
+        import difflib
+
+        def leaf(name: str) -> str:  # "to_out.0", "net.2": a numbered child is named with its parent
+            parts = name.split(".")
+            return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+        linear = sorted({leaf(n) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)})
+        close = [c for t in missing for c in difflib.get_close_matches(t, linear, n=1, cutoff=0.6)]
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise ConfigError(f"model.lora.targets: no module named {', '.join(repr(t) for t in missing)} in "
+                          f"{type(transformer).__name__}; {hint}its linear layers are named "
+                          f"{', '.join(linear[:24])}{' ...' if len(linear) > 24 else ''}")
     transformer.add_adapter(peft_config(lora), adapter_name=ADAPTER)
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:  # LoRA trains in float32 on top of a bf16 / quantized base
@@ -94,7 +105,9 @@ def export_lora(transformer: torch.nn.Module, trainer: TrainerInfo, lora: LoraCo
                 raise _as_os_error(err, Path(tmp, LORA_FILE)) from err
             Path(tmp, LORA_FILE).replace(target)
     except OSError as err:
-        raise write_failure(err, f"the LoRA {target}") from err
+        failure = write_failure(err, f"the LoRA {target}")
+        raise UserError(f"{failure}; then run the same command with --resume: it writes the LoRA from the last "
+                        "checkpoint") from err
     return target
 
 
@@ -118,13 +131,15 @@ def lora_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
     if not path.is_file():
         raise UserError(f"--lora: LoRA file not found: {path}")
+    refused = ("qflux reads LoRAs only as .safetensors (pickled .bin/.ckpt/.pt files are refused): convert it or use "
+               "the pytorch_lora_weights.safetensors of a qflux run")
+    if path.suffix.lower() != ".safetensors":  # diffusers picks its reader by the extension: never a pickle reader
+        raise UserError(f"--lora {path}: not a .safetensors file; {refused}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"--lora {path}: not a readable safetensors LoRA file ({err}); qflux reads LoRAs only "
-                        "as .safetensors (pickled .bin/.ckpt/.pt files are refused): convert it or use the "
-                        "pytorch_lora_weights.safetensors of a qflux run") from err
+        raise UserError(f"--lora {path}: not a readable safetensors LoRA file ({err}); {refused}") from err
 
 
 def load_lora_file(transformer: torch.nn.Module, path: Path) -> None:

@@ -1,0 +1,321 @@
+"""Checks that a run can start, made before it writes anything (``qflux train``, ``qflux cache``).
+
+A training run is hours of GPU time: every mistake that can be found without loading a model is found here,
+in order of cost, and reported as one ``UserError`` (exit code 2) naming the key or file and the fix; the run
+then leaves nothing behind (no ``output.dir``, no cache folder). What is checked (docs/errors.md):
+
+1. the trainer and the quantizer are installed; the optimizer and the LR scheduler exist and accept
+   ``train.optimizer_args``;
+2. ``model.pretrained``: a local folder exists, holds every component its ``model_index.json`` lists, and its
+   components are of the classes the trainer's pipeline needs (a folder of another model family);
+3. ``output.dir`` and ``cache.dir`` can be created and written; ``output.dir`` holds no run unless resuming;
+   the checkpoint to resume from is intact and was written with the same config (the keys that differ are
+   named);
+4. the images of ``validation.samples`` exist and decode;
+5. the dataset: everything ``qflux data check`` reports is fatal (``qflux.data.check.validate_dataset``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qflux.config.schema import QfluxConfig
+from qflux.errors import ConfigError, UserError
+from qflux.plugins import Registry
+
+
+def check_run(config: QfluxConfig, registry: Registry, resume: bool | Path = False) -> None:
+    """Everything ``qflux train`` can check before it writes anything (see the module docstring)."""
+    from qflux.training.optim import check_optimizer, check_scheduler
+
+    trainer = registry.trainer(config.trainer)
+    if config.model.quantize:
+        registry.quantizer(config.model.quantize)
+    check_optimizer(config.train)
+    check_scheduler(config.train)
+    check_model_source(config, trainer.pipeline, trainer.name)
+    check_output(config, resume)
+    if config.cache.enabled:
+        check_writable(Path(config.cache.dir), "cache.dir")
+    check_validation_images(config)
+    check_data(config, registry)
+
+
+def check_cache_run(config: QfluxConfig, registry: Registry) -> None:
+    """What ``qflux cache`` (build) can check before it writes anything."""
+    trainer = registry.trainer(config.trainer)
+    if not config.cache.enabled:
+        raise ConfigError("cache.enabled is false: set it to true (--set cache.enabled=true) to build the cache")
+    check_model_source(config, trainer.pipeline, trainer.name)
+    check_writable(Path(config.cache.dir), "cache.dir")
+    check_data(config, registry)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _nearest_existing(path: Path) -> Path:
+    probe = path.absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return probe
+
+
+def check_writable(path: Path, key: str) -> None:
+    """``ConfigError`` naming ``key`` when ``path`` cannot be created or written (a file in the way, a
+    read-only file system, no permission). Creates nothing."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}: {path} is a file, not a folder; set {key} to a folder")
+    probe = _nearest_existing(path)
+    if not probe.is_dir():
+        raise ConfigError(f"{key}: cannot create {path}: {probe} is a file, not a folder; set {key} to a folder path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: cannot write to {probe} (read-only file system or no permission); "
+                          f"set {key} to a writable folder")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _component_class(folder: Path) -> str | None:
+    """The class a component folder holds: ``_class_name`` (diffusers) or ``architectures[0]`` (transformers)."""
+    for name in ("config.json", "scheduler_config.json"):
+        file = folder / name
+        if file.is_file():
+            try:
+                config = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise UserError(f"model.pretrained: {file} is not valid JSON ({err}); re-download the model") from err
+            if not isinstance(config, dict):
+                return None
+            if config.get("_class_name"):
+                return str(config["_class_name"])
+            arch = config.get("architectures")
+            return str(arch[0]) if isinstance(arch, list) and arch else None
+    return None
+
+
+def _pipeline_needs(pipeline: str) -> dict[str, str]:
+    """Component name -> class name of the torch modules the diffusers pipeline ``pipeline`` (import path)
+    takes (optional components excluded). Imports the pipeline: only called when a folder looks wrong."""
+    import importlib
+
+    import torch
+
+    module, _, name = pipeline.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        types = cls._get_signature_types()
+        optional = set(getattr(cls, "_optional_components", []) or [])
+    except Exception:  # noqa: BLE001 - a pipeline that cannot be inspected: no family check
+        return {}
+    needs = {}
+    for component, candidates in types.items():
+        if component in optional:
+            continue
+        classes = [c for c in candidates if isinstance(c, type) and issubclass(c, torch.nn.Module)]
+        if classes:
+            needs[component] = classes[0].__name__
+    return needs
+
+
+def check_model_source(config: QfluxConfig, pipeline: str, trainer: str) -> None:
+    """A local ``model.pretrained`` folder: it exists, holds every component ``model_index.json`` lists, and
+    its components are of the classes the trainer's pipeline needs. Hub ids and ``builtin:`` names are left
+    to the trainer's loader."""
+    source = config.model.pretrained
+    if source.startswith("builtin:"):
+        return
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
+    if not path.exists():
+        if looks_local:
+            raise ConfigError(f"model.pretrained: folder {source} does not exist; set it to a diffusers folder, "
+                              "a hub id (OWNER/NAME) or builtin:tiny")
+        return  # a hub id
+    if not path.is_dir():
+        raise ConfigError(f"model.pretrained: {source} is a file; set it to a diffusers folder (the one holding "
+                          "model_index.json), a hub id or builtin:tiny")
+    index_file = path / "model_index.json"
+    declared: dict[str, str] = {}
+    pipeline_name = ""
+    if index_file.is_file():
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"model.pretrained: {index_file} is not valid JSON ({err}); re-download the model") from err
+        pipeline_name = str(index.get("_class_name", ""))
+        for name, value in index.items():
+            if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or None in value:
+                continue
+            declared[name] = str(value[1])
+            if not (path / name).is_dir():
+                raise UserError(f"model.pretrained {source} is missing the component '{name}': model_index.json "
+                                f"lists it but {path / name}/ does not exist; re-download the model folder")
+    found = {name: _component_class(path / name) for name in declared}
+    inconsistent = any(found[n] is not None and found[n] != declared[n] for n in declared)
+    if not inconsistent and (not pipeline_name or pipeline_name == pipeline.rpartition(".")[2]):
+        return
+    needs = _pipeline_needs(pipeline)
+    wanted = pipeline.rpartition(".")[2]
+    what = f" but a {pipeline_name} folder (model_index.json)" if pipeline_name and pipeline_name != wanted else ""
+    fix = "use a folder of the model this trainer trains, or the trainer of this model (--trainer)"
+    for name in sorted(needs, key=lambda n: (n != "transformer", n)):  # the transformer says the most
+        folder, expected = path / name, needs[name]
+        if not folder.is_dir():
+            raise UserError(f"model.pretrained {source} is not a {wanted} folder{what}: it has no {name}/ (the "
+                            f"{trainer} trainer needs {expected} there); {fix}")
+        actual = _component_class(folder)
+        if actual is not None and actual != expected:
+            raise UserError(f"model.pretrained {source} is not a {wanted} folder{what}: {name}/ holds {actual} "
+                            f"({folder / 'config.json'}), the {trainer} trainer needs {expected}; {fix}")
+
+
+# --------------------------------------------------------------------------- output and resume
+
+
+def _fingerprint_parts(config: QfluxConfig) -> dict[str, Any]:
+    """The config parts ``qflux.training.loop.config_fingerprint`` hashes (to name the keys that differ)."""
+    return {
+        "trainer": config.trainer,
+        "model": config.model.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json"),
+        "train": config.train.model_dump(mode="json", include={"batch_size", "grad_accum", "seed", "optimizer",
+                                                                 "timestep_sampling"}),
+    }
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _differing_keys(checkpoint: Path, config: QfluxConfig, fingerprint: Callable[[QfluxConfig], str],
+                    expected: str) -> list[str]:
+    """``key: old -> new`` for the resume-relevant keys where the run that wrote ``checkpoint`` (its
+    ``config.yaml``) and ``config`` differ; empty when that cannot be told reliably."""
+    import yaml
+
+    run_config = checkpoint.parent.parent / "config.yaml"
+    try:
+        old = QfluxConfig.model_validate(yaml.safe_load(run_config.read_text(encoding="utf-8")))
+    except Exception:  # noqa: BLE001 - no readable config of the old run: no names, the message stays generic
+        return []
+    if fingerprint(old) != expected:  # config.yaml is not the config of that checkpoint
+        return []
+    if hashlib.sha256(json.dumps(_fingerprint_parts(config), sort_keys=True).encode()).hexdigest()[:16] != \
+            fingerprint(config):  # the fingerprint's parts changed in the loop: do not guess
+        return []
+    before, after = _flat(_fingerprint_parts(old)), _flat(_fingerprint_parts(config))
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)]
+
+
+def check_output(config: QfluxConfig, resume: bool | Path = False) -> None:
+    """``output.dir`` is writable; holds no checkpoint unless resuming; the resume checkpoint is intact and of
+    the same config."""
+    output = Path(config.output.dir)
+    check_writable(output, "output.dir")
+    checkpoints = output / "checkpoints"
+    has_checkpoints = checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())
+    if not resume:
+        if has_checkpoints:
+            raise UserError(f"{output} already holds checkpoints of a run: pass --resume to continue it, "
+                            "or choose another output.dir")
+        return
+    if not isinstance(resume, Path) and not has_checkpoints:
+        return  # --resume without checkpoints starts from step 0
+    from qflux.training import checkpoint as ckpt
+    from qflux.training.loop import config_fingerprint
+
+    if isinstance(resume, Path):
+        path = resume
+        problem = ckpt.verify(path)
+        if problem is not None:
+            raise UserError(f"--resume-from {path}: not a usable checkpoint ({problem}); pick a folder "
+                            f"checkpoints/step-NNNNNN/ of a run")
+    else:
+        path = ckpt.latest_valid(output, lambda message: None)
+        if path is None:
+            return  # every checkpoint is corrupt: the loop reports them and starts from step 0
+    try:
+        state = json.loads((path / ckpt.STATE).read_text(encoding="utf-8"))
+        written_with = str(state["config_fingerprint"])
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"checkpoint {path}: unreadable {ckpt.STATE} ({err})") from err
+    if written_with == config_fingerprint(config):
+        return
+    keys = _differing_keys(path, config, config_fingerprint, written_with)
+    changed = ("; changed: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")) if keys else \
+        " (model, data or batch settings changed)"
+    raise UserError(f"checkpoint {path} was written with a different config{changed}; resume with the "
+                    "original config (its output.dir/config.yaml) or start a new output.dir")
+
+
+# --------------------------------------------------------------------------- images and data
+
+
+def check_validation_images(config: QfluxConfig) -> None:
+    """Every image of ``validation.samples`` exists and decodes (when validation sampling is on)."""
+    from qflux.data.images import open_rgb
+    from qflux.data.records import FileImage
+    from qflux.errors import DataError
+
+    if not config.validation.every:
+        return
+    for i, spec in enumerate(config.validation.samples):
+        files = [(f"validation.samples[{i}].control[{j}]", c) for j, c in enumerate(spec.control)]
+        if spec.target:
+            files.append((f"validation.samples[{i}].target", spec.target))
+        for key, file in files:
+            if not Path(file).is_file():
+                raise ConfigError(f"{key}: image not found: {file} (relative paths start at the current folder "
+                                  f"{Path.cwd()})")
+            try:
+                open_rgb(FileImage(Path(file)), "validation")
+            except DataError as err:
+                raise ConfigError(f"{key}: {err}") from err
+
+
+def check_data(config: QfluxConfig, registry: Registry) -> None:
+    """Every problem ``qflux data check`` reports is fatal; records with a cache entry are not decoded again."""
+    from qflux.data.check import validate_dataset
+
+    trainer = registry.trainer(config.trainer)
+    decoded = _cached_predicate(config, registry)
+    records = validate_dataset(config.data, max_controls=trainer.max_controls, decoded=decoded)
+    if config.data.holdout and len(records) < 2:
+        raise ConfigError(f"data.holdout={config.data.holdout} needs at least 2 samples, the dataset has "
+                          f"{len(records)}: add samples or set data.holdout: 0")
+
+
+def _cached_predicate(config: QfluxConfig, registry: Registry) -> Callable[[Any], bool] | None:
+    """``record -> bool``: whether a cache entry of the record exists (read from the index; creates nothing)."""
+    root = Path(config.cache.dir)
+    if not config.cache.enabled or not (root / "index.jsonl").is_file():
+        return None
+    from qflux.cache.keys import CacheContext, entry_key
+    from qflux.cache.store import EmbeddingCache
+
+    try:
+        cache = EmbeddingCache(root)
+        context = CacheContext.from_config(config, registry.version_of_trainer(config.trainer))
+    except (OSError, ValueError):
+        return None
+
+    def cached(record: Any) -> bool:
+        try:
+            return entry_key(context, record.fingerprint()) in cache
+        except Exception:  # noqa: BLE001 - unreadable bytes: decode it and report the file
+            return False
+
+    return cached
