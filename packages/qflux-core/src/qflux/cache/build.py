@@ -39,7 +39,7 @@ def build_cache(config: QfluxConfig, registry: Registry, console: Console | None
     from qflux.data import open_records
     from qflux.training.encoding import LazyEncoders, encode_records
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True, highlight=False)
     trainer = registry.trainer(config.trainer)
     cache, context = open_cache(config, registry, console)
     records = open_records(config.data)

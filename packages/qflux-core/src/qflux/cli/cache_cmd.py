@@ -48,7 +48,7 @@ def _open(config: Path, set_: list[str], trainer: str | None):
     from qflux.plugins import build_registry
 
     cfg = load_config(config, set_, trainer)
-    cache, context = open_cache(cfg, build_registry(), Console(stderr=True))
+    cache, context = open_cache(cfg, build_registry(), Console(stderr=True, soft_wrap=True))
     return cfg, cache, context
 
 

@@ -86,15 +86,16 @@ def _batches_for_rank(sampler: BucketBatchSampler, epoch: int, rank: int, world:
     """This rank's micro-batches of one epoch.
 
     The sampler cuts global batches of ``batch_size * world`` samples of one signature; rank r takes the r-th
-    slice of each, so the optimizer sees the same global batches whatever the process count. A short last
-    global batch is padded with its own samples so that every rank runs the same number of micro-batches
-    (collectives never wait on a missing rank); only then is a sample seen twice in an epoch.
+    slice of each, so the optimizer sees the same global batches whatever the process count. A bucket's short
+    last global batch is split evenly across ranks, padded with its own samples up to a multiple of the
+    process count (never with one process), so that every rank runs the same number of micro-batches:
+    collectives never wait on a missing rank.
     """
-    size = sampler.batch_size // world
     mine = []
     for global_batch in sampler.epoch(epoch):
-        padded = global_batch * (-(-size * world // len(global_batch)))
-        mine.append(padded[rank * size : (rank + 1) * size])
+        per_rank = -(-len(global_batch) // world)  # a short global batch: fewer samples per rank, not repeats
+        padded = global_batch * (-(-per_rank * world // len(global_batch)))
+        mine.append(padded[rank * per_rank : (rank + 1) * per_rank])
     return mine
 
 
@@ -117,7 +118,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
                               gradient_accumulation_steps=config.train.grad_accum,
                               cpu=not torch.accelerator.is_available())
     is_main = accelerator.is_main_process
-    console = console or Console(stderr=True, quiet=not is_main)
+    console = console or Console(stderr=True, quiet=not is_main, soft_wrap=True, highlight=False)
     output_dir = Path(config.output.dir)
     fingerprint = config_fingerprint(config)
 
