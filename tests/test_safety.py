@@ -32,9 +32,7 @@ SENTINEL_TOKEN = "hf_secret_sentinel"
 # from_pretrained receivers that load no weights (tokenizers, processors, schedulers, configs)
 _NO_WEIGHTS = ("Tokenizer", "Processor", "Scheduler", "Config", "FeatureExtractor")
 # qflux-qwen's loaders are owned elsewhere; the gap is reported in docs/errors.md until they pass the flag
-_KNOWN_GAPS: dict[str, str] = {
-    "qflux-qwen": "qflux_qwen/loading.py: its three weight loaders do not pass use_safetensors=True yet",
-}
+_KNOWN_GAPS: dict[str, str] = {}  # package -> reason, for a gap being fixed (the test then xfails)
 
 
 def _name(node: ast.AST) -> str:

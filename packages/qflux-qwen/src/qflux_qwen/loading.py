@@ -197,7 +197,8 @@ def load_transformer(variant: QwenVariant, model: ModelConfig) -> torch.nn.Modul
             source,
             "transformer",
             lambda: QwenImageTransformer2DModel.from_pretrained(
-                source, subfolder="transformer", revision=model.revision, torch_dtype=dtype, **overrides
+                source, subfolder="transformer", revision=model.revision, torch_dtype=dtype, use_safetensors=True,
+                **overrides
             ),
         )
         if transformer.config.zero_cond_t and not variant.zero_cond_t:
@@ -228,10 +229,10 @@ def load_encoders(variant: QwenVariant, model: ModelConfig) -> QwenEncoders:
         check_components(source, ENCODER_COMPONENTS, variant, revision)
         loaders: dict[str, Callable[[], Any]] = {
             "vae": lambda: AutoencoderKLQwenImage.from_pretrained(
-                source, subfolder="vae", revision=revision, torch_dtype=dtype
+                source, subfolder="vae", revision=revision, torch_dtype=dtype, use_safetensors=True
             ),
             "text_encoder": lambda: Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                source, subfolder="text_encoder", revision=revision, dtype=dtype
+                source, subfolder="text_encoder", revision=revision, dtype=dtype, use_safetensors=True
             ),
             "tokenizer": lambda: Qwen2Tokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision),
             "processor": lambda: Qwen2VLProcessor.from_pretrained(source, subfolder="processor", revision=revision),
