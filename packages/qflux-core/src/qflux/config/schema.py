@@ -24,7 +24,9 @@ class ModelConfig(Section):
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     quantize: str | None = None  # a registered quantizer name (qflux-quant: nf4, fp4, int8, fp8)
-    quantize_skip: list[str] = Field(default_factory=lambda: ["norm", "embed", "proj_out"])
+    # Substrings of Linear names inside the blocks kept in full precision; embedders, the final norm and the
+    # output projection (outside the blocks) are never quantized.
+    quantize_skip: list[str] = Field(default_factory=list)
     gradient_checkpointing: bool = False
     guidance: float = 1.0  # guidance embedding value during training (FLUX.1 Kontext-dev)
     max_sequence_length: int | None = Field(None, ge=1)  # prompt tokens; None: the trainer's default
