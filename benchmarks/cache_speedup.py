@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from qflux import hookimpl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -93,11 +94,12 @@ def child(tmp: Path, cached: bool, steps: int, threads: int) -> None:
     """Run ``train()`` on the benchmark config and print one JSON line (peak RSS, encoder loads, steps/s)."""
     if threads:
         torch.set_num_threads(threads)
+    from rich.console import Console
+
     from qflux.config import load_config
     from qflux.plugins import build_registry
     from qflux.training.loop import train
     from qflux.training.metrics import read_metrics
-    from rich.console import Console
 
     rss_start = rss_mib()
     name = "cached" if cached else "uncached"
@@ -197,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from rich.console import Console
+
     from qflux.cache import entry_key
     from qflux.cache.build import build_cache, open_cache
     from qflux.data import open_records
     from qflux.plugins import build_registry
-    from rich.console import Console
 
     tmp = Path(tempfile.mkdtemp(prefix="qflux-cache-bench-"))
     config = so.load_bench_config(tmp, cache=True, num_samples=args.samples, max_steps=args.steps)

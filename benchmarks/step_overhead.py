@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from qflux import hookimpl
 
 RESOLUTION = 256  # target and control side in pixels: (256 / 16)^2 = 256 tokens each
@@ -117,6 +118,7 @@ class QfluxStep:
 
     def __init__(self, config, registry) -> None:
         from accelerate import Accelerator
+
         from qflux.training.lora import attach_lora
         from qflux.training.optim import build_lr_scheduler, build_optimizer
 

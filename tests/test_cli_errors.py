@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from qflux.config import load_config
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from qflux.config import QfluxConfig, load_config, parse_overrides
 from qflux.errors import ConfigError, UserError
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Literal, Union, get_args, get_origin
 
 import pytest
-import qflux.types
 import yaml
 from pydantic import BaseModel
+
+import qflux.types
 from qflux import hookspecs
 from qflux.config import load_config
 from qflux.config.schema import ModelConfig, QfluxConfig
@@ -128,6 +129,7 @@ def test_every_hookspec_is_implemented_and_exercised(toy_plugin) -> None:
     implementation from the tests' toy plugin or the core (the default loss)."""
     import torch
     from PIL import Image
+
     from qflux.config.schema import LossConfig
     from qflux.training.batching import collate
     from qflux.types import EditSample, ModelBundle, NoisyInput, SampleRequest
@@ -242,6 +244,7 @@ def test_minimal_plugin_from_the_doc_installs_through_its_entry_point(tmp_path: 
 
 def test_loss_wrapper_from_the_doc_wraps_the_default_loss(tmp_path: Path) -> None:
     import torch
+
     from qflux.config.schema import LossConfig
     from qflux.loss import flow_matching_loss
     from qflux.types import Batch, NoisyInput, PromptEmbeds

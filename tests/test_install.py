@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from qflux.plugins import KNOWN_QUANTIZERS, KNOWN_TRAINERS
 
 try:

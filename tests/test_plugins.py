@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 import qflux
 from qflux.config.schema import LossConfig, ModelConfig
 from qflux.errors import PluginError, UserError
@@ -122,6 +123,7 @@ def test_firstresult_dispatch_by_trainer_name() -> None:
 
 def test_default_loss_is_replaced_by_a_plugin_loss() -> None:
     import torch
+
     from qflux.loss import flow_matching_loss
     from qflux.types import Batch, NoisyInput, PromptEmbeds
 
@@ -149,6 +151,7 @@ def test_a_full_toy_run_through_the_hooks(toy_plugin) -> None:
     """load -> quantize -> encoders -> encode -> collate -> predict -> default loss -> backward -> sample."""
     import torch
     from PIL import Image
+
     from qflux.training.batching import collate
     from qflux.types import EditSample, ModelBundle, NoisyInput, SampleRequest
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from qflux.testing import tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,9 +138,10 @@ def test_pickled_checkpoint_state_is_refused_not_executed(tmp_path: Path) -> Non
     """A checkpoint whose training_state.pt carries an object (manifest made to match) is refused by
     torch.load(weights_only=True) with a UserError, and the object is never built."""
     import torch
+    from safetensors.torch import save
+
     from qflux.errors import UserError
     from qflux.training import checkpoint as ckpt
-    from safetensors.torch import save
 
     executed = tmp_path / "executed"
     folder = ckpt.checkpoint_dir(tmp_path / "run", 1)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from qflux.testing import tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -463,8 +464,9 @@ def write_checkpoint(output_dir: Path, step: int, fingerprint: str) -> Path:
     import hashlib
 
     import torch
-    from qflux.training import checkpoint as ckpt
     from safetensors.torch import save
+
+    from qflux.training import checkpoint as ckpt
 
     folder_ = ckpt.checkpoint_dir(output_dir, step)
     folder_.mkdir(parents=True)
@@ -578,6 +580,7 @@ def test_lora_export_that_cannot_be_written_leaves_nothing(tmp_path: Path) -> No
 
 def test_cache_entry_that_cannot_be_written_is_a_user_error(tmp_path: Path) -> None:
     import torch
+
     from qflux.cache.store import EmbeddingCache
     from qflux.errors import UserError
     from qflux.types import EncodedSample, PromptEmbeds

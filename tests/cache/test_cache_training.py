@@ -104,10 +104,11 @@ def test_changed_image_reencodes_only_that_sample_and_settings_reencode_all(tmp_
 
 
 def test_cached_entries_carry_empty_prompt_for_caption_dropout(tmp_path):
+    from rich.console import Console
+
     from qflux.cache.build import open_cache
     from qflux.cache.keys import entry_key
     from qflux.data import open_records
-    from rich.console import Console
 
     make_folder_dataset(tmp_path / "data")
     _, config = config_for(tmp_path)

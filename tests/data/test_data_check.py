@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from qflux.config.schema import DataConfig
 from qflux.data import check_dataset
 from qflux.errors import DataError

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+
 from qflux.config.schema import DataConfig
 from qflux.data import FileImage, check_dataset, load_sample, open_mask, open_records, open_rgb
 

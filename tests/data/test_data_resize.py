@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from qflux.config.schema import DataConfig
 from qflux.data import plan_control_size, plan_size, resize_mode
 from qflux.data.resize import auto_buckets

@@ -6,6 +6,7 @@ import random
 import re
 
 import numpy as np
+
 from qflux.config.schema import DataConfig
 from qflux.data import check_dataset, load_sample, open_records
 from qflux.data.shapes import COLOURS, DIRECTIONS, make_example, move_step

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from qflux.config.schema import DataConfig
 from qflux.data import FileImage, load_sample, open_records, split_holdout
 from qflux.errors import DataError

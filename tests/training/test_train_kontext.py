@@ -41,6 +41,7 @@ def test_cli_run_writes_lora_checkpoints_samples_and_logs(tmp_path):
 def test_exported_lora_reproduces_trained_model_in_diffusers_pipeline(tmp_path, make_config):
     from diffusers import FluxKontextPipeline
     from PIL import Image
+
     from qflux_kontext.tiny import save_tiny
 
     config = make_config(train={"max_steps": 4, "save_every": 0, "lr": 5e-3})

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from qflux.config.schema import ModelConfig
 from qflux.plugins import build_registry
 from qflux.types import EditSample

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from qflux.config.schema import ModelConfig
 from qflux.errors import UserError
 from qflux.loss import mask_to_tokens

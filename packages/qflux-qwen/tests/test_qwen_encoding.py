@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from qflux.errors import UserError
 from qflux.types import EditSample
 
@@ -57,6 +58,7 @@ def test_edit_matches_pipeline(variants, encoders, model_config, image):
 
 def test_plus_matches_pipeline(variants, encoders, model_config, image):
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+
     from qflux_qwen.encoding import encode_samples
     from qflux_qwen.predict import img_shapes
 

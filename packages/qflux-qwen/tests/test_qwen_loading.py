@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+
 from qflux.errors import UserError
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from qflux.training.batching import collate
 from qflux.types import EditSample, NoisyInput
 
@@ -83,6 +84,7 @@ def test_padded_batch_invariance(variants, transformers_, encoded):
 
 def test_2511_uses_zero_cond_t(plus_folder, variants, model_config, encoded):
     from diffusers import QwenImageTransformer2DModel
+
     from qflux_qwen.loading import load_transformer
     from qflux_qwen.predict import predict
 

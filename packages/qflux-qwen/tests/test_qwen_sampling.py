@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from qflux.errors import UserError
 from qflux.types import ModelBundle, SampleRequest
 

@@ -23,17 +23,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
 from qflux.errors import UserError
 from qflux.loss import mask_to_tokens
 from qflux.types import EncodedSample, PromptEmbeds
-
 from qflux_kontext.packing import pack_latents, token_grid
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
+
     from qflux.config.schema import ModelConfig
     from qflux.types import EditSample
-
     from qflux_kontext.encoders import KontextEncoders
 
 log = logging.getLogger(__name__)

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from qflux.errors import UserError
 
+from qflux.errors import UserError
 from qflux_kontext.tiny import TINY_ID
 
 if TYPE_CHECKING:  # pragma: no cover
     from qflux.config.schema import ModelConfig
-
     from qflux_kontext.encoders import KontextEncoders
 
 log = logging.getLogger(__name__)

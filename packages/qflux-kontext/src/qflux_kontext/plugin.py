@@ -16,6 +16,7 @@ from qflux.types import TrainerInfo
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL.Image import Image
+
     from qflux.config.schema import ModelConfig
     from qflux.types import Batch, EditSample, EncodedSample, ModelBundle, NoisyInput, SampleRequest
 

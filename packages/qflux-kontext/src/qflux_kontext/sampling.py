@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from qflux.errors import UserError
 
+from qflux.errors import UserError
 from qflux_kontext.encoding import encode_prompts, sequence_length
 from qflux_kontext.packing import pack_latents, token_grid, unpack_latents
 from qflux_kontext.predict import forward
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
-    from qflux.types import ModelBundle, SampleRequest
 
+    from qflux.types import ModelBundle, SampleRequest
     from qflux_kontext.encoders import KontextEncoders
 
 

@@ -31,17 +31,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
 from qflux.errors import UserError
 from qflux.loss import mask_to_tokens
 from qflux.types import EncodedSample, PromptEmbeds
-
 from qflux_qwen.variants import QwenVariant
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
+
     from qflux.config.schema import ModelConfig
     from qflux.types import EditSample, Grid
-
     from qflux_qwen.encoders import QwenEncoders
 
 log = logging.getLogger(__name__)

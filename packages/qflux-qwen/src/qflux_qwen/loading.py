@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from qflux.errors import UserError
 
+from qflux.errors import UserError
 from qflux_qwen.tiny import TINY_ID
 from qflux_qwen.variants import QwenVariant
 
 if TYPE_CHECKING:  # pragma: no cover
     from qflux.config.schema import ModelConfig
-
     from qflux_qwen.encoders import QwenEncoders
 
 log = logging.getLogger(__name__)

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from qflux import hookimpl
 from qflux.types import TrainerInfo
-
 from qflux_qwen.variants import VARIANTS, variant_of
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL.Image import Image
+
     from qflux.config.schema import ModelConfig
     from qflux.types import Batch, EditSample, EncodedSample, ModelBundle, NoisyInput, SampleRequest
 

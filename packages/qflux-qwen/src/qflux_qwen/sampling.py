@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from qflux.errors import UserError
 
+from qflux.errors import UserError
 from qflux_qwen.encoding import check_size, encode_image, encode_prompt
 from qflux_qwen.predict import check_zero_cond_t, forward, unwrap
 from qflux_qwen.variants import QwenVariant
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
-    from qflux.types import ModelBundle, SampleRequest
 
+    from qflux.types import ModelBundle, SampleRequest
     from qflux_qwen.encoders import QwenEncoders
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -33,7 +33,7 @@ class ModelConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
-Resolution = Union[int, tuple[int, int], list[tuple[int, int]]]
+Resolution = int | tuple[int, int] | list[tuple[int, int]]
 
 
 class DataConfig(Section):
