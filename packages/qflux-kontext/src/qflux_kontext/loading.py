@@ -133,6 +133,11 @@ def _loading(source: str, component: str, load):
         return load()
     except OSError as err:
         raise UserError(f"model.pretrained '{source}': cannot load {component}: {err}") from err
+    except RuntimeError as err:
+        if "GPU" not in str(err):  # only diffusers' "a GPU is needed" refusals (pre-quantized weights) are user errors
+            raise
+        raise UserError(f"model.pretrained '{source}': {component} holds pre-quantized weights that need a GPU to "
+                        f"load ({err}); on CPU, load the unquantized model and set model.quantize instead") from err
 
 
 def load_transformer(model: ModelConfig) -> torch.nn.Module:
