@@ -112,6 +112,11 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     trainer = registry.trainer(config.trainer)
     if config.model.quantize:
         registry.quantizer(config.model.quantize)
+    # accelerate keeps its settings in a process-wide singleton; drop them (not the process group) so that
+    # a second train() in one process (a notebook, a test) may use another mixed precision.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     # Without a GPU, ask accelerate for CPU explicitly: only then does a torchrun-style launch
     # (`accelerate launch --multi_gpu`) become a multi-process gloo run instead of N single-process runs.
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
