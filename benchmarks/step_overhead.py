@@ -114,7 +114,8 @@ def load_bench_config(tmp: Path, **kwargs: Any):
 
 
 class QfluxStep:
-    """The training loop's per-step body (``qflux.training.loop.train``), on its own prepared objects."""
+    """The training loop's per-step body (``qflux.training.loop.train``: the same ``micro_step``), on its own
+    prepared objects."""
 
     def __init__(self, config, registry) -> None:
         from accelerate import Accelerator
@@ -139,24 +140,14 @@ class QfluxStep:
         return self.accelerator.unwrap_model(self.transformer)
 
     def __call__(self, samples: list, epoch: int = 0) -> float:
-        from qflux.training.batching import collate
-        from qflux.training.loop import _apply_caption_dropout
-        from qflux.training.step import sample_generator, training_loss
+        from qflux.training.step import make_batch, micro_step
 
         accelerator, config = self.accelerator, self.config
-        generators = [sample_generator(config.train.seed, epoch, s.key) for s in samples]
-        samples = _apply_caption_dropout(samples, config.data.caption_dropout, generators)
-        batch = collate(samples).to(accelerator.device, self.dtype)
-        with accelerator.accumulate(self.transformer), accelerator.autocast():
-            loss = training_loss(self.hook, self.trainer, self.transformer, batch, config, generators)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise RuntimeError("non-finite loss")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.train.max_grad_norm:
-                accelerator.clip_grad_norm_(self.params, config.train.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        batch, generators = make_batch(samples, config, epoch, accelerator.device, self.dtype)
+        value = micro_step(accelerator, self.hook, self.trainer, self.transformer, batch, config, generators,
+                           self.params, self.optimizer)
+        if not math.isfinite(value):
+            raise RuntimeError("non-finite loss")
         if accelerator.sync_gradients:
             self.lr_scheduler.step()
             self.lr_scheduler.get_last_lr()
@@ -255,8 +246,7 @@ def extras_breakdown(q: QfluxStep, bare: BareStep, sample, reps: int = 200) -> l
     ``reps`` calls, microseconds), next to what (c) spends on the same job: ``(piece, qflux us, bare us)``."""
     from qflux.loss import flow_matching_loss
     from qflux.training.batching import collate
-    from qflux.training.loop import _apply_caption_dropout
-    from qflux.training.step import sample_generator
+    from qflux.training.step import apply_caption_dropout, sample_generator
     from qflux.training.timesteps import add_noise, sample_sigmas
     from qflux_kontext.packing import kontext_image_ids, text_ids
     from qflux_kontext.predict import transformer_config
@@ -298,7 +288,7 @@ def extras_breakdown(q: QfluxStep, bare: BareStep, sample, reps: int = 200) -> l
         ("per-sample generator (sha256 + manual_seed)",
          _median_us(lambda: sample_generator(cfg.train.seed, 0, sample.key), reps), 0.0),
         ("caption dropout + collate + Batch.to",
-         _median_us(lambda: collate(_apply_caption_dropout([sample], cfg.data.caption_dropout, [gen])).to(
+         _median_us(lambda: collate(apply_caption_dropout([sample], cfg.data.caption_dropout, [gen])).to(
              acc.device, q.dtype), reps), 0.0),
         ("sigma sampling + noise + add_noise",
          _median_us(lambda: add_noise(latents, torch.cat([sample_sigmas(1, latents.shape[1], cfg.train, gen)]),

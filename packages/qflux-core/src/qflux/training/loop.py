@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,8 +35,8 @@ from qflux.training.lora import attach_lora, export_lora, load_lora_state, lora_
 from qflux.training.metrics import MetricsLog, plot_loss
 from qflux.training.optim import build_lr_scheduler, build_optimizer
 from qflux.training.progress import TrainProgress
-from qflux.training.step import sample_generator, training_loss, validation_loss_sum
-from qflux.types import Batch, EncodedSample, ModelBundle
+from qflux.training.step import make_batch, micro_step, validation_loss_sum
+from qflux.types import ModelBundle
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,19 +67,6 @@ def config_fingerprint(config: QfluxConfig) -> str:
 
 def _step_of(checkpoint_path: Path) -> int:
     return int(checkpoint_path.name.removeprefix("step-"))
-
-
-def _apply_caption_dropout(samples: list[EncodedSample], p: float,
-                           generators: list[torch.Generator]) -> list[EncodedSample]:
-    if p <= 0:
-        return samples
-    out = []
-    for s, generator in zip(samples, generators):
-        drop = float(torch.rand((), generator=generator)) < p
-        if drop and s.empty_prompt is not None:
-            s = replace(s, prompt=s.empty_prompt)
-        out.append(s)
-    return out
 
 
 def _batches_for_rank(sampler: BucketBatchSampler, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -275,24 +262,15 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
                 while batch_in_epoch < len(epoch_batches) and step < max_steps:
                     indices = epoch_batches[batch_in_epoch]
                     batch_in_epoch += 1
-                    samples = [train_set[i] for i in indices]
-                    generators = [sample_generator(config.train.seed, epoch, s.key) for s in samples]
-                    samples = _apply_caption_dropout(samples, config.data.caption_dropout, generators)
-                    batch: Batch = collate(samples).to(device, dtype)
-                    with accelerator.accumulate(transformer), accelerator.autocast():
-                        loss = training_loss(hook, trainer, transformer, batch, config, generators)
-                        value = float(loss.detach())
-                        if not math.isfinite(value):
-                            kept = ckpt.latest_valid(output_dir, console.print)
-                            raise TrainingStopped(
-                                f"loss is {value} at step {step + 1} (samples {', '.join(batch.keys)}): training "
-                                f"diverged. Last good checkpoint: {kept or 'none'}. Lower train.lr, set "
-                                "train.max_grad_norm, or check these samples; then resume with --resume.")
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and config.train.max_grad_norm:
-                            accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                    batch, generators = make_batch([train_set[i] for i in indices], config, epoch, device, dtype)
+                    value = micro_step(accelerator, hook, trainer, transformer, batch, config, generators, params,
+                                       optimizer)
+                    if not math.isfinite(value):
+                        kept = ckpt.latest_valid(output_dir, console.print)
+                        raise TrainingStopped(
+                            f"loss is {value} at step {step + 1} (samples {', '.join(batch.keys)}): training "
+                            f"diverged. Last good checkpoint: {kept or 'none'}. Lower train.lr, set "
+                            "train.max_grad_norm, or check these samples; then resume with --resume.")
                     micro_loss.append(value)
                     if not accelerator.sync_gradients:
                         continue

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from qflux.config.schema import QfluxConfig
+from qflux.training.batching import collate
 from qflux.training.timesteps import add_noise, sample_sigmas
-from qflux.types import Batch, NoisyInput, TrainerInfo
+from qflux.types import Batch, EncodedSample, NoisyInput, TrainerInfo
 
 VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -36,6 +39,26 @@ def sample_generator(seed: int, epoch: int, key: str) -> torch.Generator:
     """
     digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def apply_caption_dropout(samples: list[EncodedSample], p: float,
+                          generators: list[torch.Generator]) -> list[EncodedSample]:
+    """Swap each sample's prompt for its empty-prompt encoding with probability ``p`` (its own stream)."""
+    if p <= 0:
+        return samples
+    out = []
+    for s, generator in zip(samples, generators):
+        drop = float(torch.rand((), generator=generator)) < p
+        out.append(replace(s, prompt=s.empty_prompt) if drop and s.empty_prompt is not None else s)
+    return out
+
+
+def make_batch(samples: list[EncodedSample], config: QfluxConfig, epoch: int, device: Any,
+               dtype: torch.dtype) -> tuple[Batch, list[torch.Generator]]:
+    """The micro-batch on the device and its samples' random streams (dropout already drawn from them)."""
+    generators = [sample_generator(config.train.seed, epoch, s.key) for s in samples]
+    samples = apply_caption_dropout(samples, config.data.caption_dropout, generators)
+    return collate(samples).to(device, dtype), generators
 
 
 def training_loss(hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch,
@@ -67,3 +90,22 @@ def validation_loss_sum(hook: Any, trainer: TrainerInfo, transformer: torch.nn.M
             total += float(loss) * latents.shape[0]
             count += latents.shape[0]
     return total, count
+
+
+def micro_step(accelerator: Any, hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch,
+               config: QfluxConfig, generators: list[torch.Generator], params: list[torch.nn.Parameter],
+               optimizer: torch.optim.Optimizer) -> float:
+    """One micro-batch of the training loop: loss, backward, and (when the accumulation is complete)
+    clipping and the optimizer step. Returns the loss; a non-finite loss is returned before any backward
+    or step, so the caller can stop with the weights untouched."""
+    with accelerator.accumulate(transformer), accelerator.autocast():
+        loss = training_loss(hook, trainer, transformer, batch, config, generators)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return value
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and config.train.max_grad_norm:
+            accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return value
