@@ -90,7 +90,9 @@ def qflux_load_encoders(trainer: TrainerInfo, model: ModelConfig) -> Any | None:
         model: the ``model`` config section.
 
     Returns:
-        A plugin-defined object (None when the trainer is not yours). The core only passes it back.
+        A plugin-defined object (None when the trainer is not yours), on CPU. If it has a ``to(device)``
+        method returning the moved object, the core moves it to the training device before encoding;
+        otherwise the core only passes it back.
     Called lazily: not at all when every sample is in the embedding cache and no sampling is needed.
     """
 
