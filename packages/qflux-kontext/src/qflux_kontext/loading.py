@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qflux.errors import UserError
+from qflux.model_source import is_tiny, resolve_source, torch_dtype
 from qflux_kontext.tiny import TINY_ID
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,29 +42,6 @@ CONFIG_CHECKS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
 }
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 KONTEXT_PIPELINE = "FluxKontextPipeline"
-
-
-def torch_dtype(model: ModelConfig) -> torch.dtype:
-    return getattr(torch, model.dtype)
-
-
-def is_tiny(model: ModelConfig) -> bool:
-    return model.pretrained == TINY_ID
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1 or os.path.exists(source)
-
-
-def _source(model: ModelConfig) -> str:
-    """The folder (expanded) or the hub id; a path that does not exist is a ``UserError``."""
-    source = model.pretrained
-    if _looks_like_path(source):
-        path = Path(source).expanduser()
-        if not path.is_dir():
-            raise UserError(f"model.pretrained: folder '{source}' does not exist (expected a diffusers folder)")
-        return str(path)
-    return source
 
 
 def _read_config(source: str, component: str, filename: str, revision: str | None) -> dict[str, Any]:
@@ -149,7 +127,7 @@ def load_transformer(model: ModelConfig) -> torch.nn.Module:
         return _frozen(torch.nn.Module.to(tiny_transformer(), dtype))
     from diffusers import FluxTransformer2DModel
 
-    source = _source(model)
+    source = resolve_source(model)
     check_components(source, ("transformer",), model.revision)
     transformer = _loading(
         source,
@@ -177,7 +155,7 @@ def load_encoders(model: ModelConfig) -> KontextEncoders:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        source = _source(model)
+        source = resolve_source(model)
         rev = model.revision
         check_components(
             source, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"), rev

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qflux.errors import UserError
+from qflux.model_source import is_tiny, resolve_source, torch_dtype
 from qflux_qwen.tiny import TINY_ID
 from qflux_qwen.variants import QwenVariant
 
@@ -48,35 +49,6 @@ CONFIG_CHECKS: dict[str, tuple[tuple[str, ...], str | None, tuple[str, ...], str
     "processor": (("processor_config.json", "preprocessor_config.json"), None, (), "a Qwen2-VL processor"),
 }
 ENCODER_COMPONENTS = ("vae", "text_encoder", "tokenizer", "processor", "scheduler")
-
-
-def torch_dtype(model: ModelConfig) -> torch.dtype:
-    return getattr(torch, model.dtype)
-
-
-def is_tiny(model: ModelConfig) -> bool:
-    return model.pretrained == TINY_ID
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1 or os.path.exists(source)
-
-
-def resolve_source(model: ModelConfig) -> str:
-    """The folder (expanded) or the hub id; a missing folder or an unknown ``builtin:`` is a ``UserError``."""
-    source = model.pretrained
-    if source.startswith("builtin:"):
-        raise UserError(f"model.pretrained: unknown built-in model '{source}' for the Qwen trainers (use {TINY_ID})")
-    if _looks_like_path(source):
-        path = Path(source).expanduser()
-        if not path.is_dir():
-            raise UserError(f"model.pretrained: folder '{source}' does not exist (expected a diffusers folder)")
-        return str(path)
-    if source.count("/") != 1:
-        raise UserError(
-            f"model.pretrained '{source}' is neither a folder, a hub id (owner/name) nor {TINY_ID}"
-        )
-    return source
 
 
 def _config_file(source: str, component: str, names: tuple[str, ...], revision: str | None) -> Path:

@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 
+from qflux.model_source import TINY_ID  # noqa: F401  (re-exported: the id of these tiny models)
 from qflux_qwen.variants import QwenVariant, variant_named
-
-TINY_ID = "builtin:tiny"
 
 TRANSFORMER_CONFIG: dict[str, Any] = dict(
     patch_size=2,
