@@ -38,3 +38,24 @@ def test_weighted_loss_matches_formula():
 def test_unmasked_loss_is_plain_mse():
     pred, target = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     assert torch.isclose(flow_matching_loss(pred, target), torch.nn.functional.mse_loss(pred, target))
+
+
+def test_unmasked_sample_weighs_one_in_a_mixed_batch():
+    import torch
+
+    from qflux.training.batching import collate
+    from qflux.types import EncodedSample, PromptEmbeds
+
+    def sample(key, mask):
+        g = torch.Generator().manual_seed(len(key))
+        return EncodedSample(key=key, latents=torch.randn(4, 2, generator=g), grid=(2, 2),
+                             prompt=PromptEmbeds(hidden=torch.zeros(1, 2)), mask=mask)
+
+    masked, plain = sample("a", torch.tensor([1.0, 0.0, 0.0, 0.0])), sample("bb", None)
+    pred = torch.zeros(1, 4, 2)
+    alone = flow_matching_loss(pred, plain.latents[None], None, 3.0, 0.5)
+    mixed = collate([masked, plain])
+    per_sample = [flow_matching_loss(pred, mixed.latents[i : i + 1], mixed.mask[i : i + 1], 3.0, 0.5,
+                                     mixed.masked[i : i + 1]) for i in range(2)]
+    assert torch.isclose(per_sample[1], alone)  # the unmasked sample is not re-weighted by fg / bg
+    assert mixed.masked.tolist() == [True, False]

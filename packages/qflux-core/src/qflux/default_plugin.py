@@ -18,4 +18,5 @@ def qflux_loss(prediction: torch.Tensor, noisy: NoisyInput, batch: Batch, loss: 
     from qflux.loss import flow_matching_loss
 
     weights = loss.mask_weighting
-    return flow_matching_loss(prediction, noisy.target, batch.mask, weights.foreground, weights.background)
+    return flow_matching_loss(prediction, noisy.target, batch.mask, weights.foreground, weights.background,
+                              batch.masked)

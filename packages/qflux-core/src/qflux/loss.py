@@ -25,14 +25,19 @@ def flow_matching_loss(
     mask: torch.Tensor | None = None,
     foreground: float = 1.0,
     background: float = 1.0,
+    masked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over tokens and channels of ``w * (prediction - target)^2``, then mean over the batch.
 
     prediction, target: [B, N, C]; mask: [B, N] in [0, 1] or None (w = 1); w = fg * m + bg * (1 - m).
+    ``masked`` [B] bool (optional): samples flagged False have no edit mask and weigh 1 everywhere.
     Computed in float32 whatever the compute dtype.
     """
     per_token = (prediction.float() - target.float()).pow(2).mean(dim=-1)  # [B, N]
     if mask is not None:
         m = mask.to(per_token.dtype)
-        per_token = per_token * (foreground * m + background * (1.0 - m))
+        weight = foreground * m + background * (1.0 - m)
+        if masked is not None:
+            weight = torch.where(masked.to(weight.device)[:, None], weight, torch.ones_like(weight))
+        per_token = per_token * weight
     return per_token.mean(dim=-1).mean()

@@ -104,6 +104,7 @@ class Batch:
     controls: list[torch.Tensor] = field(default_factory=list)  # each [B, Nc_i, C]
     control_grids: list[Grid] = field(default_factory=list)
     mask: torch.Tensor | None = None  # [B, N]
+    masked: torch.Tensor | None = None  # [B] bool when only some samples carry a mask (the others weigh 1)
 
     @property
     def size(self) -> int:
@@ -127,6 +128,7 @@ class Batch:
             controls=[move(c) for c in self.controls],
             control_grids=self.control_grids,
             mask=move(self.mask, cast=False),
+            masked=move(self.masked, cast=False),
         )
 
 

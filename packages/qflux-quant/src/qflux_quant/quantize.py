@@ -107,12 +107,6 @@ def check_supported(method: str, model: ModelConfig) -> None:
     info = METHODS[method]
     if model.dtype not in DTYPES:  # pragma: no cover - the schema already restricts it
         raise ConfigError(f"model.dtype: {model.dtype!r} is not a dtype qflux-quant can compute in")
-    if model.lora.init in ("pissa", "olora"):
-        raise ConfigError(
-            f"model.lora.init: {model.lora.init} derives the adapter from the base weights and rewrites them, "
-            f"which a quantized base (model.quantize: {method}) cannot hold and which would make the LoRA "
-            "unusable on the original model; use init: gaussian or default"
-        )
     if info.backend == "bitsandbytes":
         import_bitsandbytes(method)
     elif method == "fp8":

@@ -115,7 +115,11 @@ class EmbeddingCache:
         except OSError:
             problem = "entry file is missing"
         else:
-            if EntryStamp(len(data), hashlib.sha256(data).hexdigest()) not in stamps:
+            stamp = EntryStamp(len(data), hashlib.sha256(data).hexdigest())
+            if stamp not in stamps:
+                self._read_index()  # another process may have re-written the entry and appended its stamp
+                stamps = self._index.get(key, set())
+            if stamp not in stamps:
                 problem = "size or sha256 differs from the index (corrupt or truncated)"
             else:
                 try:

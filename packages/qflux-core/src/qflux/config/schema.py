@@ -15,7 +15,9 @@ class LoraConfig(Section):
     rank: int = Field(16, ge=1)
     alpha: float = Field(16.0, gt=0)
     targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    init: Literal["gaussian", "default", "pissa", "olora"] = "gaussian"
+    # pissa / olora are left out on purpose: they rewrite the base weights, so the exported LoRA would be wrong
+    # on the original model that diffusers and ComfyUI load it onto.
+    init: Literal["gaussian", "default"] = "gaussian"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 

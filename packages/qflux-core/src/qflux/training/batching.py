@@ -21,9 +21,12 @@ def collate(samples: Sequence[EncodedSample]) -> Batch:
     if any(s.signature != first.signature for s in samples):
         raise ValueError("collate() needs samples of one signature (target grid and control grids)")
     masks = [s.mask for s in samples]
+    masked = None
     if any(m is None for m in masks) and not all(m is None for m in masks):
-        # In a batch mixing masked and unmasked samples, an unmasked sample counts as edited everywhere.
-        masks = [m if m is not None else torch.ones(s.latents.shape[0]) for m, s in zip(masks, samples)]
+        # Mixed batch: unmasked samples get a placeholder mask and a False flag, so the loss weighs them 1
+        # exactly as it would in a batch of their own.
+        masked = torch.tensor([m is not None for m in masks])
+        masks = [m if m is not None else torch.zeros(s.latents.shape[0]) for m, s in zip(masks, samples)]
     return Batch(
         keys=[s.key for s in samples],
         latents=torch.stack([s.latents for s in samples]),
@@ -32,6 +35,7 @@ def collate(samples: Sequence[EncodedSample]) -> Batch:
         controls=[torch.stack([s.controls[i] for s in samples]) for i in range(len(first.controls))],
         control_grids=list(first.control_grids),
         mask=None if masks[0] is None else torch.stack([m.float() for m in masks]),
+        masked=masked,
     )
 
 

@@ -39,6 +39,7 @@ class TrainingPosition:
     epoch: int
     batch_in_epoch: int  # micro-batches of ``epoch`` already consumed
     config_fingerprint: str  # hash of the config parts a resumed run must share
+    processes: int = 1  # the data position counts global batches of batch_size x processes
 
 
 @dataclass
@@ -100,6 +101,11 @@ def save_checkpoint(
     still the latest good one. Nothing of the failed checkpoint is left behind.
     """
     final = checkpoint_dir(output_dir, position.step)
+    if final.is_dir() and verify(final) is None:  # this step is saved already (Ctrl-C right after a save,
+        return final                               # a resume at max_steps): never replace a good checkpoint
+    if final.parent.is_dir():  # temporary folders of writers that were killed mid-save
+        for stale in final.parent.glob(".step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp: Path | None = None
     try:
         buffer = io.BytesIO()

@@ -64,7 +64,9 @@ def encode_records(
     for i, record in enumerate(records):
         if cache is not None and context is not None:
             keys[i] = entry_key(context, record.fingerprint())
-            out[i] = cache.get(keys[i])
+            cached = cache.get(keys[i])
+            # two records with equal content share an entry: each keeps its own key (noise stream, messages)
+            out[i] = replace(cached, key=record.key) if cached is not None else None
         if out[i] is None:
             missing.append(i)
         elif on_progress is not None:
@@ -118,7 +120,9 @@ class CachedSamples(Sequence):
 
     def __getitem__(self, index: int) -> EncodedSample:  # type: ignore[override]
         sample = self._cache.get(self._keys[index])
-        return sample if sample is not None else self._reencode(self._records[index])
+        if sample is None:
+            return self._reencode(self._records[index])
+        return replace(sample, key=self._records[index].key)
 
 
 def fill_cache(records: Sequence[Any], hook: Any, trainer: TrainerInfo, encoders: LazyEncoders,
@@ -140,7 +144,12 @@ def prepare_samples(records: Sequence[Any], hook: Any, trainer: TrainerInfo, enc
     keys = fill_cache(records, hook, trainer, encoders, config, cache, context)
 
     def reencode(record: Any) -> EncodedSample:
-        return encode_records([record], hook, trainer, encoders, config, cache, context)[0]
+        """An entry found bad mid-run: encode it again, then free the encoders if only this needed them."""
+        was_loaded = encoders.loaded
+        sample = encode_records([record], hook, trainer, encoders, config, cache, context)[0]
+        if not was_loaded:
+            encoders.release()
+        return sample
 
     return CachedSamples(records, keys, cache, reencode)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +67,31 @@ def config_fingerprint(config: QfluxConfig) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _step_of(checkpoint_path: Path) -> int:
-    return int(checkpoint_path.name.removeprefix("step-"))
+class InterruptFlag:
+    """Turns the first Ctrl-C into a flag the loop checks between optimizer steps (so a checkpoint never mixes
+    weights of one step with the position of another); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def agreed(self, accelerator) -> bool:
+        """True on every rank as soon as any rank was interrupted (one tiny all-reduce per step when N > 1)."""
+        if accelerator.num_processes == 1:
+            return self.raised
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=accelerator.device)
+        return float(accelerator.reduce(flag, reduction="sum")) > 0
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _batches_for_rank(sampler: BucketBatchSampler, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -126,6 +151,10 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         raise UserError(f"{output_dir} already holds checkpoints of a run: pass --resume to continue it, "
                         "or choose another output.dir")
     state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
+    if state is not None and state.position.processes != accelerator.num_processes:
+        raise UserError(f"checkpoint {resume_path} was written by a run of {state.position.processes} process(es); "
+                        f"this one has {accelerator.num_processes}: its data position would not match. Resume "
+                        "with the same process count (or start a new output.dir)")
     if state is not None and state.position.config_fingerprint != fingerprint:
         raise UserError(f"checkpoint {resume_path} was written with a different config (model, data or "
                         "batch settings changed); resume with the original config or start a new output.dir")
@@ -183,6 +212,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         lr_scheduler.load_state_dict(state.lr_scheduler)
         step, epoch, batch_in_epoch = state.position.step, state.position.epoch, state.position.batch_in_epoch
         console.print(f"resumed from {resume_path} at step {step}")
+    start_step = step
 
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     if is_main:  # only now: a run that fails while loading leaves no output folder behind
@@ -199,10 +229,10 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     def evaluate() -> float | None:
         if not holdout_set:
             return None
-        transformer.eval()
-        total, count = validation_loss_sum(hook, trainer, transformer, holdout_batches, config,
-                                           config.validation.seed)
-        transformer.train()
+        model = accelerator.unwrap_model(transformer)  # no DDP collective: ranks may hold no held-out sample
+        model.eval()
+        total, count = validation_loss_sum(hook, trainer, model, holdout_batches, config, config.validation.seed)
+        model.train()
         if world > 1:
             summed = accelerator.reduce(torch.tensor([total, float(count)], device=device), reduction="sum")
             total, count = float(summed[0]), int(summed[1])
@@ -254,7 +284,8 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     micro_loss: list[float] = []
     # The state at the last optimizer step: what a checkpoint records (an interrupted gradient accumulation
     # is replayed on resume, so a resumed run equals an uninterrupted one).
-    boundary = ckpt.TrainingPosition(step, epoch, batch_in_epoch, fingerprint)
+    boundary = ckpt.TrainingPosition(step, epoch, batch_in_epoch, fingerprint, world)
+    interrupt = InterruptFlag()
     try:
         with TrainProgress(console, total=max_steps, start=step, enabled=is_main) as progress:
             while step < max_steps:
@@ -280,7 +311,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
                     micro_loss.clear()
                     epoch_done = batch_in_epoch >= len(epoch_batches)
                     boundary = ckpt.TrainingPosition(step, epoch + 1 if epoch_done else epoch,
-                                                     0 if epoch_done else batch_in_epoch, fingerprint)
+                                                     0 if epoch_done else batch_in_epoch, fingerprint, world)
                     result.losses.append(step_loss)
                     lr = lr_scheduler.get_last_lr()[0]
                     progress.update(step, step_loss, lr)
@@ -293,18 +324,22 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
                         sample_validation(step)
                     if config.train.save_every and step % config.train.save_every == 0 and step < max_steps:
                         save(boundary)
+                    if interrupt.agreed(accelerator):  # Ctrl-C takes effect here, between optimizer steps
+                        raise KeyboardInterrupt
                 if batch_in_epoch >= len(epoch_batches):
                     epoch, batch_in_epoch = epoch + 1, 0
     except KeyboardInterrupt:
-        if boundary.step > (resume_step := (result.resumed_from and _step_of(result.resumed_from)) or 0):
+        if boundary.step > start_step:
             path = save(boundary)
             console.print(f"interrupted: checkpoint of step {boundary.step} written to {path}; "
                           "continue with: qflux train --config ... --resume")
         else:
-            console.print(f"interrupted before the first optimizer step after step {resume_step}; nothing to save")
+            console.print(f"interrupted before the first optimizer step after step {start_step}; nothing to save")
         if metrics:
             metrics.close()
         raise
+    finally:
+        interrupt.restore()
 
     result.steps = step
     result.lora = lora_state_dict(accelerator.unwrap_model(transformer))

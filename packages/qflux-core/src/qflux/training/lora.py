@@ -18,7 +18,7 @@ from qflux.types import TrainerInfo
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "default"
-_INIT = {"gaussian": "gaussian", "default": True, "pissa": "pissa", "olora": "olora"}
+_INIT = {"gaussian": "gaussian", "default": True}
 
 
 def peft_config(lora: LoraConfig):

@@ -101,6 +101,11 @@ def micro_step(accelerator: Any, hook: Any, trainer: TrainerInfo, transformer: t
     with accelerator.accumulate(transformer), accelerator.autocast():
         loss = training_loss(hook, trainer, transformer, batch, config, generators)
         value = float(loss.detach())
+        if accelerator.num_processes > 1:  # every rank must agree before the backward's all-reduce
+            bad = accelerator.reduce(torch.tensor([0.0 if math.isfinite(value) else 1.0], device=loss.device),
+                                     reduction="sum")
+            if float(bad) > 0:
+                return math.nan if math.isfinite(value) else value
         if not math.isfinite(value):
             return value
         accelerator.backward(loss)
