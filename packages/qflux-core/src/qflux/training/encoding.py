@@ -29,6 +29,11 @@ class LazyEncoders:
     def loaded(self) -> bool:
         return self._value is not None
 
+    def offload(self) -> None:
+        """Keep the encoders but move them to CPU (if loaded and movable), freeing the device for training."""
+        if self._value is not None and self._device is not None and hasattr(self._value, "to"):
+            self._value = self._value.to("cpu")
+
     def release(self) -> None:
         """Drop the reference so the encoders' memory can be freed (loaded again if needed)."""
         self._value = None

@@ -178,6 +178,20 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         train_set = prepare_samples(train_records, hook, trainer, encoders, config, cache, context)
         holdout_set = encode_records(holdout_records, hook, trainer, encoders, config, cache, context)
 
+    # Before the transformer is loaded: validation sampling keeps the encoders, on CPU (the sample hook moves
+    # them to the device while it runs); otherwise they are dropped.
+    sampling_on = config.validation.every > 0 and bool(config.validation.samples or
+                                                       (config.validation.from_holdout and holdout_records))
+    validation_cases = []
+    if sampling_on:
+        from qflux.training.validation import cases_from_config
+
+        holdout_samples = [load_sample(r, config.data) for r in holdout_records]
+        validation_cases = cases_from_config(config, holdout_samples)
+        encoders.offload()
+    else:
+        encoders.release()
+
     # ---- models
     dtype = DTYPES[config.model.dtype]
     transformer = hook.qflux_load_transformer(trainer=trainer, model=config.model)
@@ -189,16 +203,6 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         transformer.enable_gradient_checkpointing()
     params = attach_lora(transformer, config.model.lora)
 
-    sampling_on = config.validation.every > 0 and (config.validation.samples or
-                                                   (config.validation.from_holdout and holdout_records))
-    validation_cases = []
-    if sampling_on:
-        from qflux.training.validation import cases_from_config
-
-        holdout_samples = [load_sample(r, config.data) for r in holdout_records]
-        validation_cases = cases_from_config(config, holdout_samples)
-    else:
-        encoders.release()
     console.print(f"{len(train_set)} training samples, {len(holdout_set)} held out, "
                   f"{sum(p.numel() for p in params):,} LoRA parameters")
 
