@@ -86,3 +86,16 @@ def test_two_process_run_killed_midway_resumes_to_the_same_lora(two_process_run)
     resumed = load_file(str(tmp / "resumed" / "lora-rank0.safetensors"))
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
     assert sum(len(b) for b in seen(tmp / "resumed", 0)["batches"]) == 2  # only steps 3 and 4 ran
+
+
+def test_two_process_qwen_edit_run_keeps_ranks_identical(tmp_path):
+    config = write_config(tmp_path / "q.yaml", tiny_config(
+        tmp_path, trainer="qwen-edit", data={"num_samples": 6, "holdout": 2},
+        train={"max_steps": 2, "batch_size": 1, "save_every": 0, "lr": 5e-3}))
+    launch(config, tmp_path / "out", 2)
+    a = load_file(str(tmp_path / "out" / "lora-rank0.safetensors"))
+    b = load_file(str(tmp_path / "out" / "lora-rank1.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    r0 = [k for batch in seen(tmp_path / "out", 0)["batches"] for k in batch]
+    r1 = [k for batch in seen(tmp_path / "out", 1)["batches"] for k in batch]
+    assert len(r0) == len(r1) == 2 and not set(r0) & set(r1)
