@@ -58,3 +58,17 @@ def test_sample_missing_image_is_a_user_error(tmp_path):
     proc = run_sample(config_path, tmp_path / "x.png", "--image", str(tmp_path / "nope.png"))
     assert proc.returncode == 2 and "nope.png" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_qwen_edit_with_true_cfg_and_negative_prompt(tmp_path):
+    config_path = write_config(tmp_path / "q.yaml", tiny_config(tmp_path, trainer="qwen-edit"))
+    control = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), (20, 20, 220)).save(control)
+    plain = run_sample(config_path, tmp_path / "a.png", "--image", str(control))
+    cfg = run_sample(config_path, tmp_path / "b.png", "--image", str(control), "--true-cfg", "3",
+                     "--negative-prompt", "blurry")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert cfg.returncode == 0, cfg.stderr[-2000:]
+    a, b = np.asarray(Image.open(tmp_path / "a.png"), dtype=int), np.asarray(Image.open(tmp_path / "b.png"), dtype=int)
+    assert a.shape == b.shape == (32, 32, 3)
+    assert np.abs(a - b).max() > 0  # true CFG with the negative prompt changes the result
