@@ -27,10 +27,10 @@ def open_cache(config: QfluxConfig, registry: Registry, console: Console) -> tup
     trainer = registry.trainer(config.trainer)
     context = CacheContext.from_config(config, registry.version_of_trainer(trainer.name))
     root = Path(config.cache.dir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cache.dir: cannot create {root} ({err.strerror})") from err
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"cache.dir: {root} is a file, not a folder")
+    # The folder itself is created by the first entry written, so a run that fails before encoding leaves
+    # no empty cache folder behind.
     return EmbeddingCache(root, warn=console.print), context
 
 

@@ -62,6 +62,7 @@ class EmbeddingCache:
 
     def _append_index(self, key: str, stamp: EntryStamp) -> None:
         line = json.dumps({"key": key, "bytes": stamp.bytes, "sha256": stamp.sha256}) + "\n"
+        self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / INDEX, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, line.encode())
@@ -175,6 +176,7 @@ class EmbeddingCache:
             self.drop(key)
         lines = "".join(json.dumps({"key": k, "bytes": s.bytes, "sha256": s.sha256}) + "\n"
                         for k in self.keys() for s in sorted(self._index[k], key=lambda s: s.sha256))
+        self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".index-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(lines)

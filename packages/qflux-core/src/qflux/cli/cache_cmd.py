@@ -29,15 +29,13 @@ def build(
         typer.echo(ctx.get_help())
         raise typer.Exit(2)
     from qflux.cache.build import build_cache
-    from qflux.cli.train_cmd import CleanupOnUserError
     from qflux.config.preflight import check_cache_run
     from qflux.plugins import build_registry
 
     cfg = load_config(config, set_, trainer)
     registry = build_registry()
     check_cache_run(cfg, registry)  # nothing is written for a config or dataset with mistakes
-    with CleanupOnUserError(None, Path(cfg.cache.dir)):
-        report = build_cache(cfg, registry)
+    report = build_cache(cfg, registry)
     rate = report.encoded / report.seconds if report.seconds > 0 and report.encoded else 0.0
     typer.echo(f"{report.samples} samples: {report.encoded} encoded ({rate:.1f} samples/s), "
                f"{report.samples - report.encoded} already cached -> {cfg.cache.dir}")
