@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from qflux import hookimpl
 from qflux.config import load_config
 from qflux.plugins import build_registry
-from qflux.testing import tiny_config, write_config
+from qflux.testing import single_torch_thread, tiny_config, write_config
 from qflux.training.loop import train
 from qflux.training.lora import attach_lora, load_lora_state
 from qflux.types import Batch, ModelBundle, NoisyInput, PromptEmbeds, SampleRequest
@@ -30,10 +30,8 @@ from qflux.types import Batch, ModelBundle, NoisyInput, PromptEmbeds, SampleRequ
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:

@@ -7,6 +7,7 @@ from PIL import Image
 
 from qflux.config.schema import ModelConfig
 from qflux.plugins import build_registry
+from qflux.testing import single_torch_thread
 from qflux.types import EditSample
 
 
@@ -24,10 +25,8 @@ def mask(width: int, height: int) -> Image.Image:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(name="rgb")

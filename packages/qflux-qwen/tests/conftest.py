@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from qflux.config.schema import ModelConfig
+from qflux.testing import single_torch_thread
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:
@@ -23,12 +24,8 @@ def tiny_model(**kwargs) -> ModelConfig:
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box they lose a lot."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ bodies, not at plugin import, so that ``qflux plugins list`` stays fast.
 Order of calls in one ``qflux train`` run::
 
     qflux_register_trainers, qflux_register_quantizers    (plugin discovery)
-    qflux_load_transformer -> qflux_quantize -> (LoRA attached by the core)
     qflux_load_encoders                                   (skipped when the embedding cache is complete)
-    qflux_encode                                          (per chunk of samples; results are cached)
+    qflux_encode                                          (per chunk of missing samples; results are cached)
+    qflux_load_transformer -> qflux_quantize -> (LoRA attached by the core; encoders already off the device)
     per step: qflux_predict -> qflux_loss
     per validation: qflux_sample
 """

@@ -15,6 +15,7 @@ import torch
 
 from qflux.cache import CacheContext, EmbeddingCache, entry_key
 from qflux.config.schema import QfluxConfig
+from qflux.model_source import torch_dtype
 from qflux.types import EncodedSample, PromptEmbeds, TrainerInfo
 
 
@@ -77,7 +78,7 @@ def encode_records(
         elif on_progress is not None:
             on_progress(1)
     with_empty = config.data.caption_dropout > 0
-    dtype = getattr(torch, config.model.dtype)
+    dtype = torch_dtype(config.model)
     for start in range(0, len(missing), chunk):
         part = missing[start : start + chunk]
         samples = [load_sample(records[i], config.data) for i in part]

@@ -23,6 +23,7 @@ from rich.console import Console
 from qflux.cache.build import open_cache
 from qflux.config.schema import QfluxConfig
 from qflux.errors import TrainingStopped, UserError
+from qflux.model_source import torch_dtype
 from qflux.plugins import Registry, build_registry
 from qflux.training import checkpoint as ckpt
 from qflux.training.batching import BucketBatchSampler, collate
@@ -39,8 +40,6 @@ from qflux.training.optim import build_lr_scheduler, build_optimizer
 from qflux.training.progress import TrainProgress
 from qflux.training.step import make_batch, micro_step, validation_loss_sum
 from qflux.types import ModelBundle
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -193,7 +192,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         encoders.release()
 
     # ---- models
-    dtype = DTYPES[config.model.dtype]
+    dtype = torch_dtype(config.model)
     transformer = hook.qflux_load_transformer(trainer=trainer, model=config.model)
     if transformer is None:
         raise UserError(f"no installed plugin loads the transformer for trainer '{trainer.name}'")
