@@ -12,9 +12,11 @@ float32 gradients + AdamW's two float32 moments = 16 bytes per LoRA parameter.
 
 Quantized formats (as qflux-quant stores them):
 
-- which layers: every ``nn.Linear`` inside the repeated blocks whose name contains none of ``model.quantize_skip``
-  (default ``norm``, ``embed``, ``proj_out``); everything else stays bf16 (biases, norms, embedders, skipped
-  layers). The same numbers for ``quantize_skip: []`` (every block Linear quantized) are printed too.
+- which layers: every ``nn.Linear`` inside the repeated blocks, and the input projections (``x_embedder``,
+  ``context_embedder``; Qwen's ``img_in``, ``txt_in``), whose name contains none of ``model.quantize_skip``
+  (default ``[]``); everything else stays bf16 (biases, norms, the timestep/guidance/text embeddings, the final
+  norm and projection, skipped layers). The same numbers for ``quantize_skip: [norm, proj_out]`` (which also
+  keeps the AdaLN modulation linears and FLUX's single-block ``proj_out``) are printed too.
 - fp8 (``Float8Linear``): 1 byte per weight + a float32 scale per output row.
 - int8 (bitsandbytes ``Linear8bitLt``): 1 byte per weight + a float32 scale per output row (``SCB``).
 - nf4 (bitsandbytes ``Linear4bit``, blocksize 64, ``compress_statistics=True``): 0.5 byte per weight + one
@@ -105,11 +107,16 @@ def block_prefixes(model: nn.Module) -> list[str]:
     return [name + "." for name, m in model.named_modules() if name and isinstance(m, nn.ModuleList)]
 
 
+INPUT_PROJECTIONS = ("x_embedder", "context_embedder", "img_in", "txt_in")
+KEEP_MODULATION = ["norm", "proj_out"]
+
+
 def quantized_linears(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Linear]]:
-    """qflux-quant's rule: Linear layers inside the blocks whose name contains none of ``skip``."""
+    """qflux-quant's rule: Linear layers inside the blocks or projecting the inputs, whose name contains none of
+    ``skip``. Written out here, not imported, so that ``_check_against_qflux_quant`` compares two readings."""
     blocks = block_prefixes(model)
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and any(name.startswith(b) for b in blocks)
+            if isinstance(m, nn.Linear) and (name in INPUT_PROJECTIONS or any(name.startswith(b) for b in blocks))
             and not any(p and p in name for p in skip)]
 
 
@@ -170,7 +177,7 @@ def estimate(name: str, rank: int, targets: list[str], skip: list[str], tokens: 
     build, encoders = MODELS[name]
     model = on_meta(build)
     assert next(model.parameters()).device.type == "meta"
-    skips = {"default": skip, "none": []}
+    skips = {"default": skip, "keep-modulation": KEEP_MODULATION}
     base, quantized = {}, {}
     for label, s in skips.items():
         chosen = quantized_linears(model, s)
@@ -227,15 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':58s}" + "".join(f"{n:>22s}" for n in names))
     print(f"{'transformer parameters (B)':58s}" + "".join(f"{e.params / 1e9:22.3f}" for e in estimates))
     print(f"{'  of which nn.Linear weights (B)':58s}" + "".join(f"{e.linear_params / 1e9:22.3f}" for e in estimates))
-    for label, text in (("default", "default quantize_skip"), ("none", "quantize_skip: []")):
+    for label, text in (("default", "default quantize_skip"), ("keep-modulation", "quantize_skip [norm, proj_out]")):
         print(f"{'  quantized Linear weights, ' + text + ' (B, layers)':58s}"
               + "".join(f"{e.quantized[label][0] / 1e9:15.3f} ({e.quantized[label][1]:4d})" for e in estimates))
     print(f"\nfrozen base weights, GiB (default model.quantize_skip: {skip})")
     for method in ("bf16", "fp8", "int8", "nf4"):
-        labels = ("default",) if method == "bf16" else ("default", "none")
+        labels = ("default",) if method == "bf16" else ("default", "keep-modulation")
         for label in labels:
             suffix = "" if method == "bf16" else (" (default quantize_skip)" if label == "default" else
-                                                  " (quantize_skip: [])")
+                                                  " (quantize_skip [norm, proj_out])")
             print(f"{'  ' + method + suffix:58s}" + "".join(f"{'':14s}{gib(e.base[(method, label)])}"
                                                             for e in estimates))
     print(f"\nLoRA r{args.rank} on {targets}")

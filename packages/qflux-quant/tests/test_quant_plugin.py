@@ -67,11 +67,12 @@ def test_hook_returns_the_quantized_transformer():
     registry = _registry()
     model = tiny_flux()
     out = registry.hook.qflux_quantize(transformer=model, method="fp8", model=model_config("fp8"))
-    assert out is model and quantized_methods(out) == {"fp8": 20}  # the default skip list is empty: every Linear in the blocks
+    # the default skip list is empty: every Linear in the blocks and the two input projections
+    assert out is model and quantized_methods(out) == {"fp8": 22}
     assert not any(p.requires_grad for p in out.parameters())  # frozen
 
 
-def test_layer_selection_skips_patterns_and_the_layers_outside_the_blocks():
+def test_layer_selection_skips_patterns_and_keeps_embeddings_final_norm_and_projection():
     model = tiny_flux()
     chosen, report = select_linears(model, ["norm", "embed", "proj_out"])
     names = [n for n, _ in chosen]
@@ -79,19 +80,27 @@ def test_layer_selection_skips_patterns_and_the_layers_outside_the_blocks():
     assert not any(p in n for n in names for p in ("norm", "embed", "proj_out"))
     assert report.skipped["transformer_blocks.0.norm1.linear"] == "norm"  # substrings: the modulation too
     assert report.skipped["single_transformer_blocks.0.proj_out"] == "proj_out"
-    assert {"proj_out", "context_embedder", "x_embedder"} <= set(report.boundary)
+    assert report.skipped["context_embedder"] == "embed"  # the input projections obey the patterns too
+    assert "proj_out" in report.always_kept
 
-    # with no pattern the blocks are quantized entirely; the layers outside them stay as they were
+    # with no pattern the blocks and the input projections are quantized entirely; the embeddings, the final
+    # norm's modulation and the final projection stay as they were
     chosen, report = select_linears(model, [])
     names = {n for n, _ in chosen}
     assert {"transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.proj_out"} <= names
-    assert len(names) == 20 and not report.skipped  # 30 linear layers, 10 outside the blocks
-    assert set(report.boundary) == {
-        "x_embedder", "context_embedder", "proj_out", "norm_out.linear",
+    assert {"x_embedder", "context_embedder"} <= names
+    assert len(names) == 22 and not report.skipped  # 30 linear layers, 8 of them always kept
+    assert set(report.always_kept) == {
+        "proj_out", "norm_out.linear",
         *(f"time_text_embed.{e}.linear_{i}" for e in ("timestep_embedder", "guidance_embedder", "text_embedder")
           for i in (1, 2)),
     }
-    assert all(n.startswith(("transformer_blocks.", "single_transformer_blocks.")) for n in names)
+    assert all(n.startswith(("transformer_blocks.", "single_transformer_blocks.")) for n in names - {
+        "x_embedder", "context_embedder"})
+
+    # a user who wants the input projections in full precision names them
+    chosen, report = select_linears(model, ["x_embedder", "context_embedder"])
+    assert len(chosen) == 20 and set(report.skipped) == {"x_embedder", "context_embedder"}
 
     chosen, report = select_linears(model, ["attn."])
     assert not any("attn." in n for n, _ in chosen) and len(report.skipped) == 11  # 8 joint + 3 single
@@ -101,7 +110,7 @@ def test_skip_list_that_leaves_nothing_is_a_config_error():
     model = tiny_flux()
     before = _weights(model)
     with pytest.raises(ConfigError, match="model.quantize_skip"):
-        quantize_transformer(model, "fp8", model_config("fp8", quantize_skip=["blocks"]))
+        quantize_transformer(model, "fp8", model_config("fp8", quantize_skip=["blocks", "embedder"]))
     assert quantized_methods(model) == {}
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -126,7 +135,7 @@ def test_missing_bitsandbytes_says_what_to_install_before_any_work(method, monke
 def test_fp8_needs_no_bitsandbytes(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     model, _ = quantize_transformer(tiny_flux(), "fp8", model_config("fp8"))
-    assert quantized_methods(model) == {"fp8": 20}
+    assert quantized_methods(model) == {"fp8": 22}
 
 
 def test_fp8_on_a_torch_without_float8_says_so(monkeypatch):
@@ -148,7 +157,7 @@ def test_load_check_passes_through_when_supported():
 
 def test_already_quantized_by_another_method_is_a_user_error():
     model, _ = quantize_transformer(tiny_flux(), "fp8", model_config("fp8"))
-    with pytest.raises(UserError, match=r"already quantized as fp8 \(20 layers\); set model.quantize: fp8"):
+    with pytest.raises(UserError, match=r"already quantized as fp8 \(22 layers\); set model.quantize: fp8"):
         quantize_transformer(model, "nf4", model_config("nf4"))
 
 
@@ -156,7 +165,7 @@ def test_already_quantized_by_the_same_method_is_a_no_op():
     model, _ = quantize_transformer(tiny_flux(), "nf4", model_config("nf4"))
     before = _weights(model)
     again, report = quantize_transformer(model, "nf4", model_config("nf4"))
-    assert again is model and report.was_prequantized and report.already_quantized == 20
+    assert again is model and report.was_prequantized and report.already_quantized == 22
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 

@@ -1,13 +1,20 @@
 """Replace the linear layers of a frozen transformer by quantized ones (bitsandbytes nf4 / fp4 / int8, fp8).
 
 Which layers: every ``nn.Linear`` inside the repeated transformer blocks (the elements of an ``nn.ModuleList``,
-e.g. ``transformer_blocks.3.attn.to_q``) whose qualified name contains none of the ``model.quantize_skip``
-substrings. The layers outside the blocks (input embedders ``x_embedder`` / ``context_embedder`` /
-``img_in`` / ``txt_in``, the timestep / guidance / pooled-text embedders, the final norm modulation and
-``proj_out``) always stay in full precision: the final projection and the embedders are the layers most
-sensitive to rounding, and they are a fraction of a percent of a full-size model. The default skip list is
-empty; patterns are substrings, so e.g. ``[norm, proj_out]`` would also keep FLUX's AdaLN modulation linears
-(``norm1.linear``...) and its single blocks' ``proj_out``: about 40 % of FLUX's weights (see the README).
+e.g. ``transformer_blocks.3.attn.to_q``) and the input projections of the image and text streams
+(``INPUT_PROJECTIONS``: FLUX's ``x_embedder`` / ``context_embedder``, Qwen-Image's ``img_in`` / ``txt_in``;
+BFL's own FLUX code calls them ``img_in`` / ``txt_in`` too), minus the layers whose qualified name contains a
+``model.quantize_skip`` substring. The other layers outside the blocks always stay in ``model.dtype``: the
+timestep / guidance / pooled-text embeddings (``time_text_embed``), the final norm's modulation (``norm_out``)
+and the final projection (``proj_out``). Those are the layers most sensitive to rounding (they condition every
+block or write the prediction itself) and a fraction of a percent of a full-size model. The input projections
+are plain Linear layers over the latents and the text encoder's features; diffusers' bitsandbytes integration
+quantizes them too, and keeping them would leave e.g. 3.8 % of a 100M-parameter Kontext-shaped model (whose
+``context_embedder`` is 4096 wide) in bf16. ``quantize_skip: [x_embedder, context_embedder]`` keeps them.
+
+The default skip list is empty; patterns are substrings, so e.g. ``[norm, proj_out]`` would also keep FLUX's
+AdaLN modulation linears (``norm1.linear``...) and its single blocks' ``proj_out``: about 40 % of FLUX's weights
+(see the README).
 
 Compute dtype is ``model.dtype``. Every new parameter is frozen. Each layer is quantized on (and left on) the
 device ``quantize_device`` picks: the current CUDA device when there is one, so a transformer loaded in bf16
@@ -43,6 +50,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold (BitsAndBytesConfig's default llm_int8_threshold)
 WARN_KEPT_FRACTION = 0.25  # warn when quantize_skip keeps more than this share of the linear weights
+# top-level Linear layers projecting the latents / text features into the model width (FLUX, Qwen-Image)
+INPUT_PROJECTIONS = frozenset({"x_embedder", "context_embedder", "img_in", "txt_in"})
 DEVICE_ENV = "QFLUX_QUANTIZE_DEVICE"  # forces the device layers are quantized on (see ``quantize_device``)
 
 
@@ -53,7 +62,7 @@ class QuantizeReport:
     method: str
     quantized: list[str] = field(default_factory=list)  # qualified names of the replaced layers
     skipped: dict[str, str] = field(default_factory=dict)  # name -> matching quantize_skip pattern
-    boundary: list[str] = field(default_factory=list)  # linear layers outside the blocks, always kept
+    always_kept: list[str] = field(default_factory=list)  # embeddings, final norm and projection: never quantized
     already_quantized: int = 0  # layers found quantized with ``method`` (pre-quantized checkpoint)
     quantized_params: int = 0
     kept_params: int = 0  # parameters of the linear layers kept in full precision
@@ -158,8 +167,13 @@ def _block_prefixes(transformer: nn.Module) -> list[str]:
     return [name + "." for name, m in transformer.named_modules() if name and isinstance(m, nn.ModuleList)]
 
 
+def is_quantizable(name: str, block_prefixes: list[str]) -> bool:
+    """Whether the Linear layer ``name`` may be quantized at all: inside a block, or an input projection."""
+    return name in INPUT_PROJECTIONS or any(name.startswith(prefix) for prefix in block_prefixes)
+
+
 def select_linears(transformer: nn.Module, skip: list[str]) -> tuple[list[tuple[str, nn.Linear]], QuantizeReport]:
-    """The layers to quantize, and a report listing the ones kept (by pattern, or outside the blocks)."""
+    """The layers to quantize, and a report listing the ones kept (by pattern, or always)."""
     report = QuantizeReport(method="")
     blocks = _block_prefixes(transformer)
     chosen: list[tuple[str, nn.Linear]] = []
@@ -167,8 +181,8 @@ def select_linears(transformer: nn.Module, skip: list[str]) -> tuple[list[tuple[
         if not isinstance(module, nn.Linear) or layer_method(module) is not None:
             continue
         pattern = next((p for p in skip if p and p in name), None)
-        if not any(name.startswith(prefix) for prefix in blocks):
-            report.boundary.append(name)
+        if not is_quantizable(name, blocks):
+            report.always_kept.append(name)
         elif pattern is not None:
             report.skipped[name] = pattern
         else:
@@ -316,7 +330,7 @@ def quantize_transformer(transformer: nn.Module, method: str, model: ModelConfig
     total = report.quantized_params + report.kept_params
     log.info("%s: quantized %d linear layers (%.1f%% of linear weights), kept %d in %s",
              method, len(report.quantized), 100.0 * report.quantized_params / max(total, 1),
-             len(report.skipped) + len(report.boundary), model.dtype)
+             len(report.skipped) + len(report.always_kept), model.dtype)
     by_pattern = sum(transformer.get_submodule(n).weight.numel() for n in report.skipped)
     if by_pattern > WARN_KEPT_FRACTION * total:
         counts: dict[str, int] = {}

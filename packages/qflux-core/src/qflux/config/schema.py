@@ -26,8 +26,8 @@ class ModelConfig(Section):
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     quantize: str | None = None  # a registered quantizer name (qflux-quant: nf4, fp4, int8, fp8)
-    # Substrings of Linear names inside the blocks kept in full precision; embedders, the final norm and the
-    # output projection (outside the blocks) are never quantized.
+    # Substrings of quantizable Linear names (inside the blocks, and the input projections) kept in full
+    # precision; the timestep/guidance/text embeddings, the final norm and the output projection never are.
     quantize_skip: list[str] = Field(default_factory=list)
     gradient_checkpointing: bool = False
     guidance: float = 1.0  # guidance embedding value during training (FLUX.1 Kontext-dev)
