@@ -196,6 +196,12 @@ def _(tmp):
                                                                     "installed: fp4, fp8, int8, nf4"]
 
 
+@case("fsdp-with-quantize")
+def _(tmp):
+    return train_args(config(tmp), "--set", "model.quantize=nf4", "--set", "train.fsdp=true"), [
+        "train.fsdp cannot shard a quantized base (model.quantize: nf4)", "set train.fsdp: false (DDP)"]
+
+
 @case("unknown-optimizer")
 def _(tmp):
     return train_args(config(tmp), "--set", "train.optimizer=adamw_torch"), [

@@ -32,10 +32,12 @@ from qflux.plugins import Registry
 def check_run(config: QfluxConfig, registry: Registry, resume: bool | Path = False) -> None:
     """Everything ``qflux train`` can check before it writes anything (see the module docstring)."""
     from qflux.training.optim import check_optimizer, check_scheduler
+    from qflux.training.sharding import check_fsdp
 
     trainer = registry.trainer(config.trainer)
     if config.model.quantize:
         registry.quantizer(config.model.quantize)
+    check_fsdp(config)
     check_optimizer(config.train)
     check_scheduler(config.train)
     check_model_source(config, trainer.pipeline, trainer.name)

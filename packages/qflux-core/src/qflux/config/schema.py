@@ -85,6 +85,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(3, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     log_every: int = Field(1, ge=1)
+    fsdp: bool = False  # with several processes: shard the frozen base (torch FSDP2), keep the LoRA replicated
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -38,6 +38,7 @@ from qflux.training.lora import attach_lora, export_lora, load_lora_state, lora_
 from qflux.training.metrics import MetricsLog, plot_loss
 from qflux.training.optim import build_lr_scheduler, build_optimizer
 from qflux.training.progress import TrainProgress
+from qflux.training.sharding import all_reduce_mean, check_fsdp, shard_frozen_base
 from qflux.training.step import make_batch, micro_step, validation_loss_sum
 from qflux.types import ModelBundle
 
@@ -123,6 +124,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     trainer = registry.trainer(config.trainer)
     if config.model.quantize:
         registry.quantizer(config.model.quantize)
+    check_fsdp(config)
     # accelerate keeps its settings in a process-wide singleton; drop them (not the process group) so that
     # a second train() in one process (a notebook, a test) may use another mixed precision.
     from accelerate.state import AcceleratorState
@@ -217,7 +219,18 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         console.print(f"resumed from {resume_path} at step {step}")
     start_step = step
 
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    sharded = config.train.fsdp and world > 1
+    if sharded:
+        report = shard_frozen_base(transformer, params)
+        console.print(f"train.fsdp: frozen base sharded over {world} processes in {report.units} units: "
+                      f"{report.local_params:,} of {report.total_params:,} base parameters on each "
+                      f"({report.fraction:.0%}); LoRA replicated")
+        optimizer = accelerator.prepare(optimizer)  # not the model: accelerate would wrap it in DDP
+    else:
+        if config.train.fsdp:
+            console.print("train.fsdp: one process, nothing to shard")
+        transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    grad_sync = (lambda ps: all_reduce_mean(ps, world)) if sharded else None
     if is_main:  # only now: a run that fails while loading leaves no output folder behind
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(
@@ -226,6 +239,12 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     sampler = BucketBatchSampler(signatures_of(train_set), config.train.batch_size * world,
                                  config.train.seed)
     holdout_batches = [collate([s]).to(device, dtype) for s in holdout_set[rank::world]]
+    # With a sharded base every forward is a collective: ranks with one held-out sample fewer run one batch
+    # more (the first sample again, not counted), so that all run the same number of forwards.
+    holdout_padding = []
+    if sharded and holdout_set and len(holdout_set) % world:
+        holdout_padding = [collate([holdout_set[0]]).to(device, dtype)] * (
+            -(-len(holdout_set) // world) - len(holdout_batches))
     result = TrainResult(output_dir=output_dir, lora_path=None, steps=step, resumed_from=resume_path)
     metrics = MetricsLog(output_dir) if is_main else None
 
@@ -235,6 +254,8 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         model = accelerator.unwrap_model(transformer)  # no DDP collective: ranks may hold no held-out sample
         model.eval()
         total, count = validation_loss_sum(hook, trainer, model, holdout_batches, config, config.validation.seed)
+        if holdout_padding:
+            validation_loss_sum(hook, trainer, model, holdout_padding, config, config.validation.seed)
         model.train()
         if world > 1:
             summed = accelerator.reduce(torch.tensor([total, float(count)], device=device), reduction="sum")
@@ -243,7 +264,10 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
 
     def sample_validation(at_step: int) -> None:
         """Each rank renders its share of the cases on the unwrapped model (no collective inside), then one
-        gather brings them to the main process: no rank can wait on another mid-sampling."""
+        gather brings them to the main process: no rank can wait on another mid-sampling.
+
+        With a sharded base every forward is a collective and cases may differ in forward count (sizes,
+        true CFG), so every rank renders every case in the same order and the main process keeps them."""
         if not sampling_on:
             return
         from accelerate.utils import gather_object
@@ -253,10 +277,10 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         transformer.eval()
         bundle = ModelBundle(trainer=trainer, model=config.model, transformer=accelerator.unwrap_model(transformer),
                              encoders=encoders.get())
-        mine = list(range(len(validation_cases)))[rank::world]
+        mine = list(range(len(validation_cases)))[rank::world] if not sharded else list(range(len(validation_cases)))
         rendered = list(zip(mine, render(hook, bundle, [validation_cases[i] for i in mine])))
         transformer.train()
-        if world > 1:
+        if world > 1 and not sharded:
             rendered = gather_object(rendered)
         if is_main:
             images = [image for _, image in sorted(rendered, key=lambda pair: pair[0])]
@@ -298,7 +322,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
                     batch_in_epoch += 1
                     batch, generators = make_batch([train_set[i] for i in indices], config, epoch, device, dtype)
                     value = micro_step(accelerator, hook, trainer, transformer, batch, config, generators, params,
-                                       optimizer)
+                                       optimizer, grad_sync)
                     if not math.isfinite(value):
                         kept = ckpt.latest_valid(output_dir, console.print)
                         raise TrainingStopped(

@@ -60,10 +60,15 @@ def attach_lora(transformer: torch.nn.Module, lora: LoraConfig) -> list[torch.nn
 
 
 def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors with peft's key names (no ``transformer.`` prefix), on CPU."""
+    """The adapter's tensors with peft's key names (no ``transformer.`` prefix), on CPU.
+
+    Read from the parameters, not from ``transformer.state_dict()``: on a sharded base (``train.fsdp``) that
+    call reshards the calling process's unsharded blocks, and the next forward's all-gathers would no longer
+    match the other processes'."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    params = {name: p for name, p in transformer.named_parameters() if "lora_" in name}
+    state = get_peft_model_state_dict(transformer, state_dict=params, adapter_name=ADAPTER)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 

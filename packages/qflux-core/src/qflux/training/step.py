@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,10 +95,12 @@ def validation_loss_sum(hook: Any, trainer: TrainerInfo, transformer: torch.nn.M
 
 def micro_step(accelerator: Any, hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch,
                config: QfluxConfig, generators: list[torch.Generator], params: list[torch.nn.Parameter],
-               optimizer: torch.optim.Optimizer) -> float:
+               optimizer: torch.optim.Optimizer,
+               grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None) -> float:
     """One micro-batch of the training loop: loss, backward, and (when the accumulation is complete)
     clipping and the optimizer step. Returns the loss; a non-finite loss is returned before any backward
-    or step, so the caller can stop with the weights untouched."""
+    or step, so the caller can stop with the weights untouched. ``grad_sync`` averages the gradients across
+    processes when no DDP wrapper does (``train.fsdp``), once per optimizer step, before clipping."""
     with accelerator.accumulate(transformer), accelerator.autocast():
         loss = training_loss(hook, trainer, transformer, batch, config, generators)
         value = float(loss.detach())
@@ -109,6 +112,8 @@ def micro_step(accelerator: Any, hook: Any, trainer: TrainerInfo, transformer: t
         if not math.isfinite(value):
             return value
         accelerator.backward(loss)
+        if accelerator.sync_gradients and grad_sync is not None:
+            grad_sync(params)
         if accelerator.sync_gradients and config.train.max_grad_norm:
             accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
         optimizer.step()
