@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qflux.config.schema import TrainConfig
-from qflux.training.batching import BucketBatchSampler, collate, stack_prompts
+from qflux.training.batching import BucketBatchSampler, collate, rank_batches, stack_prompts
 from qflux.training.timesteps import add_noise, resolution_shift, sample_sigmas
 from qflux.types import EncodedSample, PromptEmbeds
 
@@ -69,3 +69,24 @@ def test_bucket_sampler_epoch_covers_each_sample_once_in_single_signature_batche
     assert flat == list(range(8))
     assert all(len({signatures[i] for i in b}) == 1 for b in batches)
     assert sampler.epoch(0) == batches and sampler.epoch(1) != batches
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("per_rank", [1, 2])
+def test_rank_batches_count_every_sample_once_with_equal_weight(world, per_rank):
+    signatures = [(1, 1)] * 7 + [(2, 2)] * 3 + [(3, 3)]  # buckets of 7, 3 and 1: short last batches
+    sampler = BucketBatchSampler(signatures, batch_size=per_rank * world, seed=5)
+    ranks = [rank_batches(sampler, 0, r, world) for r in range(world)]
+    assert len({len(batches) for batches in ranks}) == 1  # every process runs the same micro-batches
+    weight: dict[int, float] = {}
+    for i, global_batch in enumerate(sampler.epoch(0)):
+        for r in range(world):
+            mine = ranks[r][i]
+            assert mine.indices and {signatures[j] for j in mine.indices} == {signatures[global_batch[0]]}
+            for j in mine.indices:  # what the all-reduce mean gives each sample of a per-rank mean loss
+                weight[j] = weight.get(j, 0.0) + mine.loss_scale / len(mine.indices) / world
+        for j in global_batch:
+            assert weight.pop(j) == pytest.approx(1 / len(global_batch))  # counted once, like one process
+        assert not weight  # placeholders (scale 0) added nothing
+    if world == 1:
+        assert all(b.loss_scale == 1.0 and b.indices == g for b, g in zip(ranks[0], sampler.epoch(0)))

@@ -76,6 +76,26 @@ def test_two_processes_batch_one_match_one_process_batch_two(two_process_run):
     assert seen(single / "out", 0)["val_end"] == pytest.approx(seen(tmp / "out", 0)["val_end"], rel=1e-4)
 
 
+def test_short_last_global_batch_counts_each_sample_once(tmp_path):
+    # 11 training samples, global batch 4 = 2 processes x batch 2: the last global batch holds 3 samples, split
+    # 2 + 1 with loss scales 4/3 and 2/3, so the result equals one process with batch 4 (unscaled, the lone
+    # sample would weigh 1/2 instead of 1/3; the old padding repeated a sample instead)
+    runs = {}
+    for processes, batch in ((2, 2), (1, 4)):
+        root = tmp_path / f"p{processes}"
+        config = write_config(root.with_suffix(".yaml"), tiny_config(
+            root, data={"num_samples": 13, "holdout": 2},
+            train={"max_steps": 3, "batch_size": batch, "save_every": 0, "lr": 5e-3}))
+        launch(config, root / "out", processes)
+        runs[processes] = root / "out"
+    r0 = [k for b in seen(runs[2], 0)["batches"] for k in b]
+    r1 = [k for b in seen(runs[2], 1)["batches"] for k in b]
+    assert (len(r0), len(r1)) == (6, 5) and not set(r0) & set(r1) and len(set(r0) | set(r1)) == 11
+    one, two = load_file(str(runs[1] / "lora-rank0.safetensors")), load_file(str(runs[2] / "lora-rank0.safetensors"))
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=0, atol=1e-4), k
+
+
 def test_two_process_run_killed_midway_resumes_to_the_same_lora(two_process_run):
     tmp, config = two_process_run
     reference = load_file(str(tmp / "out" / "lora-rank0.safetensors"))

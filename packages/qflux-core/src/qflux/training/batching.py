@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -77,3 +78,37 @@ class BucketBatchSampler:
             batches.extend(indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size))
         rng.shuffle(batches)
         return batches
+
+
+@dataclass(frozen=True)
+class RankBatch:
+    """One process's micro-batch: sample indices and the factor its mean loss is scaled by, so that the
+    average over processes (what the gradient all-reduce computes) weighs every sample of the global batch
+    equally. 1.0 except in a bucket's short last global batch; 0.0 for a placeholder (see ``rank_batches``)."""
+
+    indices: list[int]
+    loss_scale: float = 1.0
+
+
+def rank_batches(sampler: BucketBatchSampler, epoch: int, rank: int, world: int) -> list[RankBatch]:
+    """Process ``rank``'s micro-batches of one epoch.
+
+    The sampler cuts global batches of ``batch_size * world`` samples of one signature; rank r takes the r-th
+    slice of each, so the optimizer sees the same global batches whatever the process count. A bucket's short
+    last global batch of n samples is split as evenly as the count allows (slices differ by at most one), each
+    slice's loss scaled by ``len(slice) * world / n``: the mean over processes is then the mean over the n
+    samples, as one process would compute it. When n < world, the processes left without a sample run the
+    batch's first sample with scale 0: every process runs the same number of micro-batches (collectives never
+    wait on a missing rank), and each sample is counted once per epoch.
+    """
+    mine = []
+    for global_batch in sampler.epoch(epoch):
+        n = len(global_batch)
+        size, extra = divmod(n, world)
+        start = rank * size + min(rank, extra)
+        indices = global_batch[start : start + size + (1 if rank < extra else 0)]
+        if not indices:
+            mine.append(RankBatch([global_batch[0]], 0.0))
+        else:
+            mine.append(RankBatch(indices, 1.0 if len(indices) * world == n else len(indices) * world / n))
+    return mine

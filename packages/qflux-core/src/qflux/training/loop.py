@@ -26,7 +26,7 @@ from qflux.errors import TrainingStopped, UserError
 from qflux.model_source import torch_dtype
 from qflux.plugins import Registry, build_registry
 from qflux.training import checkpoint as ckpt
-from qflux.training.batching import BucketBatchSampler, collate
+from qflux.training.batching import BucketBatchSampler, collate, rank_batches
 from qflux.training.encoding import (
     LazyEncoders,
     encode_records,
@@ -92,23 +92,6 @@ class InterruptFlag:
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-def _batches_for_rank(sampler: BucketBatchSampler, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's micro-batches of one epoch.
-
-    The sampler cuts global batches of ``batch_size * world`` samples of one signature; rank r takes the r-th
-    slice of each, so the optimizer sees the same global batches whatever the process count. A bucket's short
-    last global batch is split evenly across ranks, padded with its own samples up to a multiple of the
-    process count (never with one process), so that every rank runs the same number of micro-batches:
-    collectives never wait on a missing rank.
-    """
-    mine = []
-    for global_batch in sampler.epoch(epoch):
-        per_rank = -(-len(global_batch) // world)  # a short global batch: fewer samples per rank, not repeats
-        padded = global_batch * (-(-per_rank * world // len(global_batch)))
-        mine.append(padded[rank * per_rank : (rank + 1) * per_rank])
-    return mine
 
 
 def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | Path = False,
@@ -316,13 +299,13 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     try:
         with TrainProgress(console, total=max_steps, start=step, enabled=is_main) as progress:
             while step < max_steps:
-                epoch_batches = _batches_for_rank(sampler, epoch, accelerator.process_index, accelerator.num_processes)
+                epoch_batches = rank_batches(sampler, epoch, rank, world)
                 while batch_in_epoch < len(epoch_batches) and step < max_steps:
-                    indices = epoch_batches[batch_in_epoch]
+                    mine = epoch_batches[batch_in_epoch]
                     batch_in_epoch += 1
-                    batch, generators = make_batch([train_set[i] for i in indices], config, epoch, device, dtype)
+                    batch, generators = make_batch([train_set[i] for i in mine.indices], config, epoch, device, dtype)
                     value = micro_step(accelerator, hook, trainer, transformer, batch, config, generators, params,
-                                       optimizer, grad_sync)
+                                       optimizer, grad_sync, mine.loss_scale)
                     if not math.isfinite(value):
                         kept = ckpt.latest_valid(output_dir, console.print)
                         raise TrainingStopped(

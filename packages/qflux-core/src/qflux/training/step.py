@@ -96,11 +96,14 @@ def validation_loss_sum(hook: Any, trainer: TrainerInfo, transformer: torch.nn.M
 def micro_step(accelerator: Any, hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch,
                config: QfluxConfig, generators: list[torch.Generator], params: list[torch.nn.Parameter],
                optimizer: torch.optim.Optimizer,
-               grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None) -> float:
+               grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
+               loss_scale: float = 1.0) -> float:
     """One micro-batch of the training loop: loss, backward, and (when the accumulation is complete)
     clipping and the optimizer step. Returns the loss; a non-finite loss is returned before any backward
     or step, so the caller can stop with the weights untouched. ``grad_sync`` averages the gradients across
-    processes when no DDP wrapper does (``train.fsdp``), once per optimizer step, before clipping."""
+    processes when no DDP wrapper does (``train.fsdp``), once per optimizer step, before clipping.
+    ``loss_scale`` weighs this process's share of a short global batch (``batching.rank_batches``); the
+    returned loss is the unscaled mean of the micro-batch."""
     with accelerator.accumulate(transformer), accelerator.autocast():
         loss = training_loss(hook, trainer, transformer, batch, config, generators)
         value = float(loss.detach())
@@ -111,7 +114,7 @@ def micro_step(accelerator: Any, hook: Any, trainer: TrainerInfo, transformer: t
                 return math.nan if math.isfinite(value) else value
         if not math.isfinite(value):
             return value
-        accelerator.backward(loss)
+        accelerator.backward(loss if loss_scale == 1.0 else loss * loss_scale)
         if accelerator.sync_gradients and grad_sync is not None:
             grad_sync(params)
         if accelerator.sync_gradients and config.train.max_grad_norm:
