@@ -204,7 +204,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
 
     sharded = config.train.fsdp and world > 1
     if sharded:
-        report = shard_frozen_base(transformer, params)
+        report = shard_frozen_base(transformer, params, accelerator.device)
         console.print(f"train.fsdp: frozen base sharded over {world} processes in {report.units} units: "
                       f"{report.local_params:,} of {report.total_params:,} base parameters on each "
                       f"({report.fraction:.0%}); LoRA replicated")

@@ -72,13 +72,22 @@ def local_numel(param: torch.Tensor) -> int:
     return param.to_local().numel() if isinstance(param, DTensor) else param.numel()
 
 
-def shard_frozen_base(transformer: nn.Module, trainable: list[nn.Parameter], mesh=None) -> ShardReport:
-    """``fully_shard`` each block and then the root in place; ``trainable`` (the LoRA) stays replicated.
+def shard_frozen_base(transformer: nn.Module, trainable: list[nn.Parameter], device: torch.device) -> ShardReport:
+    """``fully_shard`` each block and then the root in place, over all processes on ``device``'s type;
+    ``trainable`` (the LoRA) stays replicated.
 
     Call after the LoRA is attached (and loaded, on resume) and before the optimizer is prepared: the
-    trainable tensors are not replaced, so an optimizer built on them stays valid.
+    trainable Parameter objects are kept (only moved), so an optimizer built on them stays valid. FSDP moves
+    the weights it manages to the device block by block as it shards them (a base loaded on CPU never sits
+    whole on one GPU); the ignored LoRA parameters are moved here.
     """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for p in trainable:
+        p.data = p.data.to(device)
 
     keep = {id(p) for p in trainable}
     total = sum(p.numel() for p in transformer.parameters() if id(p) not in keep)
