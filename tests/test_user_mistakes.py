@@ -196,6 +196,12 @@ def _(tmp):
                                                                     "installed: fp4, fp8, int8, nf4"]
 
 
+@case("accelerate-fsdp-mode")
+def _(tmp):  # what `accelerate launch --use_fsdp` sets for the processes it starts
+    return train_args(config(tmp)), ["accelerate's FSDP mode is not how qflux shards",
+                                     "set train.fsdp: true"], ["env", "ACCELERATE_USE_FSDP=on"]
+
+
 @case("fsdp-with-quantize")
 def _(tmp):
     return train_args(config(tmp), "--set", "model.quantize=nf4", "--set", "train.fsdp=true"), [

@@ -7,6 +7,7 @@ Only the main process writes files; every rank runs the same number of micro-bat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -212,7 +213,12 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     else:
         if config.train.fsdp:
             console.print("train.fsdp: one process, nothing to shard")
+        elif world > 1:
+            console.print(f"DDP over {world} processes: each holds the whole base (train.fsdp: true shards it)")
         transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    # accelerate puts autocast into the forward of a model it prepares (kept by unwrap_model); a sharded model
+    # is not prepared, so validation enters it explicitly (training does in micro_step)
+    validation_autocast = accelerator.autocast if sharded else contextlib.nullcontext
     grad_sync = (lambda ps: all_reduce_mean(ps, world)) if sharded else None
     if is_main:  # only now: a run that fails while loading leaves no output folder behind
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -236,9 +242,10 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
             return None
         model = accelerator.unwrap_model(transformer)  # no DDP collective: ranks may hold no held-out sample
         model.eval()
-        total, count = validation_loss_sum(hook, trainer, model, holdout_batches, config, config.validation.seed)
-        if holdout_padding:
-            validation_loss_sum(hook, trainer, model, holdout_padding, config, config.validation.seed)
+        with validation_autocast():
+            total, count = validation_loss_sum(hook, trainer, model, holdout_batches, config, config.validation.seed)
+            if holdout_padding:
+                validation_loss_sum(hook, trainer, model, holdout_padding, config, config.validation.seed)
         model.train()
         if world > 1:
             summed = accelerator.reduce(torch.tensor([total, float(count)], device=device), reduction="sum")
@@ -261,7 +268,8 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         bundle = ModelBundle(trainer=trainer, model=config.model, transformer=accelerator.unwrap_model(transformer),
                              encoders=encoders.get())
         mine = list(range(len(validation_cases)))[rank::world] if not sharded else list(range(len(validation_cases)))
-        rendered = list(zip(mine, render(hook, bundle, [validation_cases[i] for i in mine])))
+        with validation_autocast():
+            rendered = list(zip(mine, render(hook, bundle, [validation_cases[i] for i in mine])))
         transformer.train()
         if world > 1 and not sharded:
             rendered = gather_object(rendered)

@@ -50,7 +50,7 @@ def check_fsdp(config: QfluxConfig, environ: Mapping[str, str] = os.environ) -> 
     - ``train.fsdp`` with ``model.quantize``: packed bitsandbytes storage and float8 weights with their scales
       cannot be sharded this way, and a quantized base is small enough to replicate.
     """
-    if environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+    if _flag(environ.get("ACCELERATE_USE_FSDP", "")):
         raise UserError("accelerate's FSDP mode is not how qflux shards (it would shard the LoRA too and needs "
                         "a GPU): launch with a multi-process config such as configs/accelerate/fsdp.yaml (or "
                         "--multi_gpu) and set train.fsdp: true; see docs/multi-gpu.md")
@@ -58,6 +58,16 @@ def check_fsdp(config: QfluxConfig, environ: Mapping[str, str] = os.environ) -> 
         raise ConfigError(f"train.fsdp cannot shard a quantized base (model.quantize: {config.model.quantize}); "
                           "a quantized base is small enough to replicate: set train.fsdp: false (DDP) or "
                           "model.quantize: null")
+
+
+def _flag(value: str) -> bool:
+    """An environment flag as accelerate reads it (``str_to_bool``: y/yes/t/true/on/1)."""
+    from accelerate.utils import str_to_bool
+
+    try:
+        return bool(str_to_bool(value)) if value else False
+    except ValueError:
+        return False
 
 
 def blocks_of(transformer: nn.Module) -> list[nn.Module]:
