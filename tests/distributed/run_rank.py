@@ -44,10 +44,12 @@ class SeenSamples:
 def holdings(transformer: torch.nn.Module) -> dict[str, int]:
     from torch.distributed.tensor import DTensor
 
+    from qflux.training.sharding import local_numel
+
     frozen = [p for p in transformer.parameters() if not p.requires_grad]
     lora = [p for p in transformer.parameters() if p.requires_grad]
     return {"base_total": sum(p.numel() for p in frozen),
-            "base_local": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in frozen),
+            "base_local": sum(local_numel(p) for p in frozen),
             "base_sharded": sum(isinstance(p, DTensor) for p in frozen),
             "lora_sharded": sum(isinstance(p, DTensor) for p in lora), "lora": len(lora)}
 

@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -26,38 +29,34 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
+@contextmanager
+def _read_errors(ref: ImageRef, role: str) -> Iterator[None]:
+    """Turn a missing file or any decoder failure into a ``DataError`` naming the image and the fix."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise DataError(f"{ref.describe()}: {role} image not found ({err.strerror or err})") from err
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file the user must fix
+        reason = str(err) or type(err).__name__
+        raise DataError(
+            f"{ref.describe()}: cannot read the {role} image ({reason}); re-export it as PNG/JPEG/WebP or remove it"
+        ) from err
+
+
 def decode(ref: ImageRef, role: str = "image") -> Image.Image:
     """Open and fully decode ``ref`` (truncated or corrupt files fail here), EXIF orientation applied."""
-    try:
+    with _read_errors(ref, role):
         image = ref.open()
         image.load()
         transposed = ImageOps.exif_transpose(image)
         return transposed if transposed is not None else image
-    except FileNotFoundError as err:
-        raise DataError(f"{ref.describe()}: {role} image not found ({err.strerror or err})") from err
-    except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file the user must fix
-        reason = str(err) or type(err).__name__
-        raise DataError(
-            f"{ref.describe()}: cannot read the {role} image ({reason}); re-export it as PNG/JPEG/WebP or remove it"
-        ) from err
 
 
 def probe_size(ref: ImageRef, role: str = "image") -> tuple[int, int]:
     """``(width, height)`` as ``decode`` would give it (EXIF rotation applied), reading the header only."""
-    try:
-        image = ref.open()
-        try:
-            w, h = image.size
-            orientation = image.getexif().get(0x0112, 1)
-        finally:
-            image.close()
-    except FileNotFoundError as err:
-        raise DataError(f"{ref.describe()}: {role} image not found ({err.strerror or err})") from err
-    except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file the user must fix
-        reason = str(err) or type(err).__name__
-        raise DataError(
-            f"{ref.describe()}: cannot read the {role} image ({reason}); re-export it as PNG/JPEG/WebP or remove it"
-        ) from err
+    with _read_errors(ref, role), ref.open() as image:
+        w, h = image.size
+        orientation = image.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 

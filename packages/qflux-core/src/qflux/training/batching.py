@@ -110,5 +110,5 @@ def rank_batches(sampler: BucketBatchSampler, epoch: int, rank: int, world: int)
         if not indices:
             mine.append(RankBatch([global_batch[0]], 0.0))
         else:
-            mine.append(RankBatch(indices, 1.0 if len(indices) * world == n else len(indices) * world / n))
+            mine.append(RankBatch(indices, len(indices) * world / n))  # exactly 1.0 for a full global batch
     return mine

@@ -267,7 +267,9 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         transformer.eval()
         bundle = ModelBundle(trainer=trainer, model=config.model, transformer=accelerator.unwrap_model(transformer),
                              encoders=encoders.get())
-        mine = list(range(len(validation_cases)))[rank::world] if not sharded else list(range(len(validation_cases)))
+        mine = list(range(len(validation_cases)))
+        if not sharded:
+            mine = mine[rank::world]
         with validation_autocast():
             rendered = list(zip(mine, render(hook, bundle, [validation_cases[i] for i in mine])))
         transformer.train()
