@@ -65,7 +65,7 @@ def test_exported_lora_loads_in_pipeline_and_reproduces_trained_model(name, tmp_
     trainer = registry.trainer(name)
     ours = registry.hook.qflux_load_transformer(trainer=trainer, model=config.model)
     attach_lora(ours, config.model.lora)
-    load_lora_state(ours, {k.removeprefix("transformer."): v for k, v in exported.items()})
+    load_lora_state(ours, result.lora)  # the unbaked tensors (the export has alpha / rank baked into lora_B)
     ours.eval()
 
     pipe = getattr(diffusers, variant.pipeline_class_name).from_pretrained(

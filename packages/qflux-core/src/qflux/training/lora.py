@@ -1,13 +1,19 @@
 """LoRA on the frozen transformer (peft through diffusers' ``PeftAdapterMixin``) and its export.
 
-The exported file is diffusers' LoRA format (``transformer.``-prefixed peft keys plus adapter metadata),
-written by the trainer's own pipeline class so that ``Pipeline.load_lora_weights`` reads it back.
+The exported file is diffusers' LoRA format (``transformer.``-prefixed peft keys plus adapter metadata, the
+prefix being the trainer's pipeline class's ``transformer_name``) with alpha / rank baked into ``lora_B``, so
+that ``Pipeline.load_lora_weights`` and ComfyUI (which ignores the metadata) apply the same strength
+(docs/comfyui.md). Training checkpoints keep the unbaked tensors (they reload into training) and record their
+alpha in the same header entry. ``load_lora_file`` loads all of them, and refuses a file whose tensors do not
+all land on the transformer.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +23,8 @@ from qflux.errors import ConfigError, UserError
 from qflux.types import TrainerInfo
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+PREFIX = "transformer"  # diffusers pipelines' transformer_name: the prefix of a pipeline LoRA's keys
 ADAPTER = "default"
 _INIT = {"gaussian": "gaussian", "default": True}
 
@@ -87,33 +95,89 @@ def pipeline_class(trainer: TrainerInfo) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def export_lora(transformer: torch.nn.Module, trainer: TrainerInfo, lora: LoraConfig, directory: Path) -> Path:
-    """Write ``directory/pytorch_lora_weights.safetensors`` in diffusers format (with adapter metadata)."""
-    import tempfile
+def adapter_metadata(lora: LoraConfig, *, baked: bool) -> dict:
+    """The peft ``LoraConfig`` as diffusers stores it in ``lora_adapter_metadata`` (JSON-ready).
 
-    from qflux.training.checkpoint import write_failure
-
+    ``baked``: the alpha / rank scale is already multiplied into ``lora_B``, so the file records
+    ``lora_alpha = r`` (scale 1): diffusers, ComfyUI (which reads no metadata and applies 1.0 without ``.alpha``
+    tensors) and any other loader then apply the same strength."""
     metadata = peft_config(lora).to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])
+    if baked:
+        metadata["lora_alpha"] = metadata["r"]
+        metadata["alpha_pattern"] = dict(metadata.get("rank_pattern") or {})
+    return metadata
+
+
+def checkpoint_lora_metadata(lora: LoraConfig) -> dict[str, str]:
+    """Safetensors header entries of a training checkpoint's (unbaked, unprefixed) LoRA: its real alpha, so
+    ``load_lora_file`` (and diffusers' ``load_lora_adapter(..., prefix=None)``) apply the trained strength."""
+    return {LORA_ADAPTER_METADATA: json.dumps(adapter_metadata(lora, baked=False), indent=2, sort_keys=True)}
+
+
+def baked_lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``lora_state_dict`` with each module's peft scale (alpha / rank) multiplied into its ``lora_B``."""
+    state = lora_state_dict(transformer)
+    for key in state:
+        if ".lora_B." in key:
+            scaling = transformer.get_submodule(key.split(".lora_B.")[0]).scaling[ADAPTER]
+            state[key] = (state[key].float() * float(scaling)).to(state[key].dtype).contiguous()
+    return state
+
+
+def export_lora(transformer: torch.nn.Module, trainer: TrainerInfo, lora: LoraConfig, directory: Path,
+                extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write ``directory/pytorch_lora_weights.safetensors`` in diffusers format, alpha / rank baked into
+    ``lora_B`` and ``lora_alpha = r`` in the adapter metadata, so it has one strength everywhere.
+
+    No ``.alpha`` tensors: diffusers' Qwen loader takes any file holding them for a non-diffusers LoRA and
+    converts (and re-prefixes) it. ``extra_metadata`` (e.g. ``{"qflux.training_sizes": ...}``) is stored as
+    further header entries next to ``lora_adapter_metadata``. The write is atomic (a temporary file renamed
+    into place) and the file gets the umask's normal mode."""
+    from qflux.training.checkpoint import write_failure
+
+    extra = dict(extra_metadata or {})
+    clash = sorted(set(extra) & {"format", LORA_ADAPTER_METADATA})
+    bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if clash or bad:  # a caller's bug, not a user's mistake
+        raise ValueError(f"extra_metadata: reserved keys {clash} or non-string entries {bad}")
+    prefix = getattr(pipeline_class(trainer), "transformer_name", PREFIX)
+    tensors = {f"{prefix}.{k}": v for k, v in baked_lora_state_dict(transformer).items()}
+    # diffusers' own layout of the header (``write_lora_layers``): keys of the metadata carry the prefix too
+    packed = {f"{prefix}.{k}": v for k, v in adapter_metadata(lora, baked=True).items()}
+    header = {"format": "pt", LORA_ADAPTER_METADATA: json.dumps(packed, indent=2, sort_keys=True), **extra}
     target = directory / LORA_FILE
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as tmp:  # atomic: write, then rename
-            try:
-                pipeline_class(trainer).save_lora_weights(
-                    save_directory=tmp,
-                    transformer_lora_layers=lora_state_dict(transformer),
-                    transformer_lora_adapter_metadata=metadata,
-                    weight_name=LORA_FILE,
-                )
-            except Exception as err:  # safetensors reports a failed write as SafetensorError("... (os error N)")
-                raise _as_os_error(err, Path(tmp, LORA_FILE)) from err
-            Path(tmp, LORA_FILE).replace(target)
+        _write_atomic(tensors, header, target)
     except OSError as err:
         failure = write_failure(err, f"the LoRA {target}")
         raise UserError(f"{failure}; then run the same command with --resume: it writes the LoRA from the last "
                         "checkpoint") from err
     return target
+
+
+def _write_atomic(tensors: dict[str, torch.Tensor], header: dict[str, str], target: Path) -> None:
+    """Write a safetensors file next to ``target`` and rename it into place; nothing is left on failure."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from qflux.filemodes import give_normal_mode
+
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=".export-", suffix=".safetensors")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+        except Exception as err:  # safetensors reports a failed write as SafetensorError("... (os error N)")
+            raise _as_os_error(err, tmp) from err
+        give_normal_mode(tmp)  # mkstemp's 0600 would survive the rename: ComfyUI under another uid could not read it
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _as_os_error(err: Exception, path: Path) -> Exception:
@@ -129,8 +193,8 @@ def _as_os_error(err: Exception, path: Path) -> Exception:
     return err
 
 
-def lora_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a safetensors LoRA file, read from its header (no tensor is loaded).
+def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Tensor shapes and header metadata of a safetensors LoRA file (no tensor is loaded).
     ``UserError`` when the file is missing or not safetensors (pickled files are never unpickled)."""
     from safetensors import SafetensorError, safe_open
 
@@ -142,32 +206,143 @@ def lora_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise UserError(f"--lora {path}: not a .safetensors file; {refused}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"--lora {path}: not a readable safetensors LoRA file ({err}); {refused}") from err
 
 
-def load_lora_file(transformer: torch.nn.Module, path: Path) -> None:
-    """Load a diffusers-format LoRA file onto ``transformer`` after checking that it fits.
+def lora_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a safetensors LoRA file, read from its header (no tensor is loaded)."""
+    return _read_header(path)[0]
 
-    A file whose keys name modules this transformer does not have (a LoRA of another model family) is a
-    user error, not a silent no-op.
-    """
-    shapes = lora_file_shapes(path)
+
+def read_lora_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header metadata of a LoRA file (``lora_adapter_metadata``, ``qflux.*`` entries, ...);
+    no tensor is loaded. Empty for a file without metadata."""
+    return _read_header(path)[1]
+
+
+# diffusers' peft keys (lora_A / lora_B), kohya's names for the same (lora_down / lora_up), and a kohya alpha
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)")
+_PART = {"lora_A.weight": "A", "lora_down.weight": "A", "lora_B.weight": "B", "lora_up.weight": "B", "alpha": "alpha"}
+_HINT = "use a LoRA trained for this trainer's model family, or set trainer / model.pretrained to its model"
+
+
+def lora_landing(transformer: torch.nn.Module, path: Path,
+                 shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, str]]:
+    """Module name -> {"A" | "B" | "alpha": file key}: where every tensor of the file lands on ``transformer``.
+
+    ``UserError`` unless every tensor lands: a tensor of another component (a text encoder), a module this
+    transformer does not have (a LoRA of another model family), a module with other sizes, a half pair, or a
+    tensor that is no LoRA factor would otherwise be dropped with a warning, and the image of the base model
+    would come out as if the LoRA were applied."""
     modules = dict(transformer.named_modules())
-    lora_keys = [k for k in shapes if ".lora_A." in k or ".lora_B." in k or ".lora_down." in k or ".lora_up." in k]
-    targets = {k.removeprefix("transformer.").split(".lora_")[0] for k in lora_keys}
-    unknown = sorted(t for t in targets if t not in modules)
-    hint = "use a LoRA trained for this trainer's model family, or set trainer / model.pretrained to its model"
-    if not lora_keys or unknown:
-        example = f" (e.g. {unknown[0]})" if unknown else ""
-        raise UserError(f"--lora {path} is not a LoRA for this {type(transformer).__name__}: "
-                        f"{len(unknown) or 'no'} of its target modules do not exist{example}; {hint}")
-    for key in lora_keys:  # same module names, other sizes: a LoRA of another model of the family
-        problem = _misfit(modules[key.removeprefix("transformer.").split(".lora_")[0]], key, shapes[key])
-        if problem:
-            raise UserError(f"--lora {path} does not fit this {type(transformer).__name__}: {key} {problem}; {hint}")
-    transformer.load_lora_adapter(str(path), prefix="transformer", adapter_name=ADAPTER)
+    model = type(transformer).__name__
+    parts: dict[str, dict[str, str]] = {}
+    unknown: list[str] = []
+    stray: list[tuple[str, str]] = []
+    for key in shapes:
+        match = _LORA_KEY.fullmatch(key.removeprefix(PREFIX + "."))
+        if match is None:
+            stray.append((key, "not a LoRA factor (<module>.lora_A.weight / .lora_B.weight / .alpha)"))
+        elif match["module"] not in modules:
+            unknown.append(match["module"])
+        else:
+            parts.setdefault(match["module"], {})[_PART[match["part"]]] = key
+    if not parts and not unknown:
+        raise UserError(f"--lora {path} holds no LoRA tensors (<module>.lora_A.weight / .lora_B.weight); {_HINT}")
+    if unknown:
+        unknown = sorted(set(unknown))
+        raise UserError(f"--lora {path} is not a LoRA for this {model}: {len(unknown)} of its target modules do not "
+                        f"exist (e.g. {unknown[0]}); {_HINT}")
+    for module, part in parts.items():
+        if "A" not in part or "B" not in part:
+            stray.append((next(iter(part.values())), "its lora_A / lora_B partner is missing"))
+            continue
+        for key in (part["A"], part["B"]):  # same module names, other sizes: a LoRA of another model of the family
+            problem = _misfit(modules[module], key, shapes[key])
+            if problem:
+                raise UserError(f"--lora {path} does not fit this {model}: {key} {problem}; {_HINT}")
+        if shapes[part["A"]][0] != shapes[part["B"]][-1]:
+            stray.append((part["B"], f"its rank {shapes[part['B']][-1]} differs from lora_A's {shapes[part['A']][0]}"))
+    if stray:
+        key, why = stray[0]
+        raise UserError(f"--lora {path}: {len(stray)} of its {len(shapes)} tensors would not land on this {model} "
+                        f"(e.g. {key}: {why}); qflux loads diffusers-format LoRAs of the transformer only")
+    return parts
+
+
+def load_lora_file(transformer: torch.nn.Module, path: Path) -> None:
+    """Load a LoRA file qflux wrote (final export, training checkpoint, best step) or any diffusers-format
+    transformer LoRA onto ``transformer`` with the strength it was trained with, after checking that every
+    tensor lands (``lora_landing``).
+
+    The strength comes from, in this order: ``.alpha`` tensors (ComfyUI's and kohya's rule: alpha / rank,
+    1.0 without), the ``lora_adapter_metadata`` header entry (diffusers; a baked export records alpha = rank),
+    the run's ``config.yaml`` for a checkpoint written before checkpoints carried that entry, else 1.0
+    (diffusers' convention for a file without alpha)."""
+    from safetensors.torch import load_file
+
+    shapes, header = _read_header(path)
+    parts = lora_landing(transformer, path, shapes)
+    tensors = load_file(str(path))
+    state: dict[str, torch.Tensor] = {}
+    with_alpha = any("alpha" in part for part in parts.values())
+    for module, part in parts.items():
+        down, up = tensors[part["A"]], tensors[part["B"]]
+        if with_alpha and "alpha" in part:
+            up = up.float() * (tensors[part["alpha"]].float().item() / down.shape[0])
+        state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = down, up
+    metadata = None if with_alpha else _adapter_metadata_of(path, header, shapes)
+    transformer.load_lora_adapter(state, prefix=None, adapter_name=ADAPTER, metadata=metadata)
+    missed = [m for m in parts if ADAPTER not in getattr(transformer.get_submodule(m), "lora_A", {})]
+    if missed:  # the checks above should make this impossible; never sample the base model silently
+        transformer.delete_adapters(ADAPTER)
+        raise UserError(f"--lora {path}: {len(missed)} of its modules got no adapter (e.g. {missed[0]}); "
+                        "qflux loads diffusers-format LoRAs of the transformer only")
+
+
+def _adapter_metadata_of(path: Path, header: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> dict | None:
+    """The peft config recorded for the transformer (prefix removed), or None (scale 1.0)."""
+    raw = header.get(LORA_ADAPTER_METADATA)
+    if raw:
+        try:
+            data = json.loads(raw)
+        except ValueError as err:
+            raise UserError(f"--lora {path}: its lora_adapter_metadata is not JSON ({err}); re-export it") from err
+        if any(k.startswith(PREFIX + ".") for k in data):  # a pipeline file: entries of each component, prefixed
+            data = {k.removeprefix(PREFIX + "."): v for k, v in data.items() if k.startswith(PREFIX + ".")}
+        return data or None
+    if all(k.startswith(PREFIX + ".") for k in shapes) or not _is_checkpoint_lora(path):
+        return None
+    return _checkpoint_metadata_from_run(path, shapes)
+
+
+def _is_checkpoint_lora(path: Path) -> bool:
+    """A training checkpoint's LoRA (``checkpoints/step-NNNNNN/lora.safetensors``)."""
+    from qflux.training.checkpoint import LORA, MANIFEST
+
+    return path.name == LORA and path.parent.parent.name == "checkpoints" and (path.parent / MANIFEST).is_file()
+
+
+def _checkpoint_metadata_from_run(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Rank and alpha of an older checkpoint (no header entry) from its run's ``config.yaml``; a resumed run
+    cannot change them (they are part of the checkpoint fingerprint)."""
+    import yaml
+
+    config = path.parent.parent.parent / "config.yaml"
+    try:
+        lora = (yaml.safe_load(config.read_text()) or {})["model"]["lora"]
+        rank, alpha, targets = int(lora["rank"]), float(lora["alpha"]), list(lora["targets"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"--lora {path} is a checkpoint LoRA that records no alpha, and its run's {config} cannot "
+                        f"tell it ({type(err).__name__}: {err}); sample the run's pytorch_lora_weights.safetensors "
+                        "or put the checkpoint back into its run folder") from err
+    ranks = {shape[0] for key, shape in shapes.items() if key.endswith((".lora_A.weight", ".lora_down.weight"))}
+    if ranks != {rank}:
+        raise UserError(f"--lora {path}: its rank {sorted(ranks)} is not the rank {rank} of its run's {config}; "
+                        "sample the run's pytorch_lora_weights.safetensors")
+    return {"r": rank, "lora_alpha": alpha, "target_modules": targets}
 
 
 def _misfit(module: torch.nn.Module, key: str, shape: tuple[int, ...]) -> str | None:
