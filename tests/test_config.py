@@ -152,7 +152,7 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
         ("model.lora=3", "model.lora", "valid dictionary"),
         ("model.lora.targets=to_q", "model.lora.targets", "valid list"),
         ("trainer=[a, b]", "trainer", "valid string"),
-        ("data.resolution=big", "data.resolution", "expected int, tuple[int, int] or list[tuple[int, int]]"),
+        ("data.resolution=big", "data.resolution", "expected one int (a square's pixel budget, e.g. 512), [h, w]"),
         ("data.resolution=500", "data.resolution", "multiples of 16"),
         ("model.lora.rank=0", "model.lora.rank", "greater than or equal to 1"),
         ("data.caption_dropout=1.5", "data.caption_dropout", "less than or equal to 1"),

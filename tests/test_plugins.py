@@ -278,7 +278,7 @@ def test_load_plugins_allow_list(run_qflux, plugin_path: Path) -> None:
     only_broken = plugins_json(run_qflux("plugins", "list", "--json", plugins=" broken ,", pythonpath=[plugin_path]))
     assert only_broken["plugins"] == [] and [b["name"] for b in only_broken["broken"]] == ["broken"]
     none = plugins_json(run_qflux("plugins", "list", "--json", plugins="", pythonpath=[plugin_path]))
-    assert none == {"plugins": [], "broken": [], "trainers": [], "quantizers": []}
+    assert none == {"plugins": [], "broken": [], "trainers": [], "quantizers": [], "aliases": {}}
     # unset: every installed plugin is found (whatever else is installed in this environment)
     everything = plugins_json(run_qflux("plugins", "list", "--json", plugins=None, pythonpath=[plugin_path]))
     assert {"toy"} <= {p["name"] for p in everything["plugins"]}

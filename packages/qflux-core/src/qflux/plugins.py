@@ -28,6 +28,9 @@ KNOWN_TRAINERS = {
     "qwen-edit-plus": "qflux-qwen",
     "qwen-edit-2511": "qflux-qwen",
 }
+# Other names users know a model by -> the trainer's name. The config keeps the trainer's name (config.yaml,
+# cache keys, checkpoints), so an alias and its trainer are interchangeable.
+TRAINER_ALIASES = {"qwen-edit-2509": "qwen-edit-plus"}
 KNOWN_QUANTIZERS = {"nf4": "qflux-quant", "fp4": "qflux-quant", "int8": "qflux-quant", "fp8": "qflux-quant"}
 
 
@@ -76,12 +79,18 @@ class Registry:
 
     def trainer(self, name: str) -> TrainerInfo:
         """The registered trainer ``name``, or a ``PluginError`` that says what to install."""
+        name = canonical_trainer(name)
         if name in self.trainers:
             return self.trainers[name]
         installed = ", ".join(sorted(self.trainers)) or "none"
         msg = f"unknown trainer '{name}' (installed trainers: {installed})"
+        close = _close_trainers(name, sorted(set(self.trainers) | set(KNOWN_TRAINERS) | set(TRAINER_ALIASES)))
+        if close and name not in KNOWN_TRAINERS:
+            msg += f"; did you mean {' or '.join(repr(c) for c in close)}?"
         if name in KNOWN_TRAINERS:
             msg += self._missing(KNOWN_TRAINERS[name])
+        elif close and close[0] in KNOWN_TRAINERS and close[0] not in self.trainers:
+            msg += self._missing(KNOWN_TRAINERS[close[0]])
         raise PluginError(msg)
 
     def version_of_trainer(self, name: str) -> str:
@@ -109,6 +118,25 @@ class Registry:
         if self.allow is not None:
             msg += f" (if it is installed: {ALLOW_LIST_ENV}={','.join(sorted(self.allow))!r} does not load it)"
         return msg
+
+
+def canonical_trainer(name: str) -> str:
+    """The trainer's own name for ``name`` (an alias such as ``qwen-edit-2509``), else ``name`` unchanged."""
+    return TRAINER_ALIASES.get(name, name)
+
+
+def aliases_of(trainer: str) -> list[str]:
+    return sorted(alias for alias, target in TRAINER_ALIASES.items() if target == trainer)
+
+
+def _close_trainers(name: str, names: list[str]) -> list[str]:
+    """Did-you-mean for a trainer name: spelling (``kontex``) or a longer form that holds the name
+    (``flux-kontext``, ``qwen-image-edit``)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=2, cutoff=0.6)
+    held = [n for n in names if n in name or name.replace("image-", "") == n]
+    return list(dict.fromkeys(held + close))[:2]
 
 
 def _allow_list() -> set[str] | None:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qflux.plugins import build_registry
+from qflux.plugins import TRAINER_ALIASES, aliases_of, build_registry
 
 app = typer.Typer(help="Inspect installed plugins.", no_args_is_help=True)
 
@@ -26,6 +26,7 @@ def list_plugins(as_json: bool = typer.Option(False, "--json", help="Print machi
             "broken": [asdict(b) for b in registry.broken],
             "trainers": sorted(registry.trainers),
             "quantizers": sorted(registry.quantizers),
+            "aliases": {a: t for a, t in sorted(TRAINER_ALIASES.items()) if t in registry.trainers},
         }
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -37,7 +38,8 @@ def list_plugins(as_json: bool = typer.Option(False, "--json", help="Print machi
         for col in ("name", "package", "version", "kind", "provides", "hooks"):
             table.add_column(col)
         for p in registry.plugins:
-            table.add_row(p.name, p.package, p.version, p.kind, ", ".join(p.trainers + p.quantizers) or "-",
+            provides = [t + "".join(f" (alias {a})" for a in aliases_of(t)) for t in p.trainers] + p.quantizers
+            table.add_row(p.name, p.package, p.version, p.kind, ", ".join(provides) or "-",
                           ", ".join(h.removeprefix("qflux_") for h in p.hooks))
         console.print(table)
     for b in registry.broken:

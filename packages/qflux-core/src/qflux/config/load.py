@@ -28,6 +28,38 @@ _Loader.add_implicit_resolver(
 
 _TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9_]{6,}")
 
+# Keys users bring from ai-toolkit, musubi-tuner, kohya and diffusers scripts, and the qflux key they mean:
+# closeness of spelling points the wrong way for these (``train.steps`` is closest to ``validation.steps``).
+# Looked up by the whole dotted key first, then by its last part.
+KEY_HINTS: dict[str, str] = {
+    "train.steps": "train.max_steps",
+    "steps": "train.max_steps",
+    "output_dir": "output.dir",
+    "output_path": "output.dir",
+    "training_folder": "output.dir",
+    "learning_rate": "train.lr",
+    "unet_lr": "train.lr",
+    "network": "model.lora",
+    "lora": "model.lora",
+    "network_dim": "model.lora.rank",
+    "linear": "model.lora.rank",
+    "network_alpha": "model.lora.alpha",
+    "linear_alpha": "model.lora.alpha",
+    "target_modules": "model.lora.targets",
+    "folder_path": "data.path",
+    "dataset": "data.path",
+    "image_directory": "data.path",
+    "train_data_dir": "data.path",
+    "name_or_path": "model.pretrained",
+    "pretrained_model_name_or_path": "model.pretrained",
+    "train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler": "train.scheduler",
+    "lr_warmup_steps": "train.warmup_steps",
+    "caption_dropout_rate": "data.caption_dropout",
+    "cache_dir": "cache.dir",
+}
+
 
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
@@ -84,7 +116,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def load_config(path: str | Path | None, overrides: list[str] = (), trainer: str | None = None) -> QfluxConfig:
     """Read ``path`` (None: defaults only), apply overrides (``--trainer`` last) and validate."""
     source = str(path) if path is not None else "defaults"
-    data = read_yaml(Path(path)) if path is not None else {}
+    data = read_yaml(Path(path).expanduser()) if path is not None else {}
     apply_overrides(data, parse_overrides(list(overrides)))
     if trainer is not None:
         data["trainer"] = trainer
@@ -92,14 +124,24 @@ def load_config(path: str | Path | None, overrides: list[str] = (), trainer: str
 
 
 def validate(data: dict[str, Any], source: str) -> QfluxConfig:
+    from qflux.plugins import canonical_trainer
+
+    if isinstance(data.get("trainer"), str):  # a dated alias (qwen-edit-2509) is saved under its trainer's name
+        data = {**data, "trainer": canonical_trainer(data["trainer"])}
     try:
         return QfluxConfig.model_validate(data)
     except ValidationError as err:
-        lines = list(dict.fromkeys(explain(e) for e in err.errors()))  # a union fails once per member: dedupe
+        lines = list(dict.fromkeys(explain(e, data) for e in err.errors()))  # a union fails once per member: dedupe
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(f"  - {line}" for line in lines)) from err
 
 
-def explain(error: dict[str, Any]) -> str:
+# The one-line rule for data.resolution, whatever form the wrong value has (pydantic gives one line per member
+# of the union and per list item).
+RESOLUTION_RULE = ("expected one int (a square's pixel budget, e.g. 512), [h, w] (a fixed size, e.g. [512, 768]) "
+                   "or a list of [h, w] buckets (e.g. [[512, 512], [512, 768]])")
+
+
+def explain(error: dict[str, Any], data: dict[str, Any] | None = None) -> str:
     """One line per pydantic error: the dotted key, what is wrong, and a hint when there is one."""
     loc, union = _clean_loc(error["loc"])
     key = _dotted(loc)
@@ -116,10 +158,20 @@ def explain(error: dict[str, Any]) -> str:
     got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
     if isinstance(got, str) and _TOKEN_RE.search(got):  # never echo a credential pasted into the wrong key
         got_text = " (got a value that looks like a Hugging Face token: not shown; tokens belong in HF_TOKEN)"
+    if error["type"] == "value_error":  # our own validators: their message names the value and the fix
+        return f"'{key}': {str(error['msg']).removeprefix('Value error, ')}"
+    if key == "data.resolution":
+        return f"'{key}': {RESOLUTION_RULE} (got {_raw_resolution(error, data)!r})"
     if union is not None:
         members = [_type_name(a) for a in get_args(union) if a is not type(None)]
         return f"'{key}': expected {', '.join(members[:-1])} or {members[-1]}{got_text}"
     return f"'{key}': {error['msg']}{got_text}"
+
+
+def _raw_resolution(error: dict[str, Any], data: dict[str, Any] | None) -> Any:
+    """The whole value the user gave for data.resolution (pydantic's error may hold only one list item)."""
+    section = (data or {}).get("data")
+    return section["resolution"] if isinstance(section, dict) and "resolution" in section else error.get("input")
 
 
 def _dotted(loc: list[str]) -> str:
@@ -197,6 +249,9 @@ def _did_you_mean(loc: list[str]) -> list[str]:
     at the same level, then the closest key anywhere."""
     parent, bad = loc[:-1], loc[-1]
     here = _dotted(parent)
+    hint = KEY_HINTS.get(_dotted(loc)) or KEY_HINTS.get(bad)
+    if hint and hint != _dotted(loc):
+        return [hint]
     elsewhere = [k for k in _all_keys() if k.rpartition(".")[2] == bad and k.rpartition(".")[0] != here]
     if elsewhere:
         return elsewhere

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _expand_user(value: str) -> str:
+    """``~`` / ``~user`` at the start means a home folder, as in a shell (which does not expand it inside quotes
+    or after ``=`` in ``--set key=~/x``): without this a literal ``./~/`` folder would appear."""
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+# The one rule for every path-valued key (a meta-test checks every key named like a path uses it). Values that
+# are not paths (hub ids, ``builtin:...``, ``hf:...``) never start with ``~`` and pass unchanged.
+EXPAND_USER = AfterValidator(_expand_user)
+PathStr = Annotated[str, EXPAND_USER]
 
 
 class Section(BaseModel):
@@ -22,7 +35,7 @@ class LoraConfig(Section):
 
 
 class ModelConfig(Section):
-    pretrained: str = "builtin:tiny"  # diffusers folder | hub id | builtin:tiny
+    pretrained: PathStr = "builtin:tiny"  # diffusers folder | hub id | builtin:tiny
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     quantize: str | None = None  # a registered quantizer name (qflux-quant: nf4, fp4, int8, fp8)
@@ -39,7 +52,7 @@ Resolution = int | tuple[int, int] | list[tuple[int, int]]
 
 
 class DataConfig(Section):
-    path: str = "builtin:shapes"  # folder | .csv/.jsonl manifest | hf:OWNER/NAME[:split] | builtin:shapes
+    path: PathStr = "builtin:shapes"  # folder | .csv/.jsonl manifest | hf:OWNER/NAME[:split] | builtin:shapes
     resolution: Resolution = 512  # int = pixel budget of a square (keep aspect); [h, w] = fixed; list = buckets
     resize: Literal["budget", "fixed", "buckets"] | None = None  # None: derived from the resolution's form
     control_resolution: int | None = None  # pixel budget side for control images (None: as the target)
@@ -56,13 +69,14 @@ class DataConfig(Section):
         sides = [v] if isinstance(v, int) else list(v) if isinstance(v, tuple) else [s for hw in v for s in hw]
         for s in sides:
             if s < 16 or s % 16:
-                raise ValueError(f"sides must be multiples of 16 and at least 16, got {s}")
+                nearest = "16" if s < 16 else f"{s // 16 * 16} or {s // 16 * 16 + 16}"
+                raise ValueError(f"sides are multiples of 16 (at least 16): {s} is not, use {nearest}")
         return v
 
 
 class CacheConfig(Section):
     enabled: bool = True
-    dir: str = ".qflux-cache"
+    dir: PathStr = ".qflux-cache"
 
 
 class TrainConfig(Section):
@@ -103,9 +117,9 @@ class LossConfig(Section):
 
 
 class ValidationSample(Section):
-    control: list[str] = Field(default_factory=list)
+    control: list[PathStr] = Field(default_factory=list)
     prompt: str
-    target: str | None = None  # optional: shown in the grid
+    target: PathStr | None = None  # optional: shown in the grid
     negative_prompt: str = ""
 
 
@@ -120,7 +134,7 @@ class ValidationConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: str = "runs/my_run"
+    dir: PathStr = "runs/my_run"
 
 
 class QfluxConfig(Section):
