@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from qflux.errors import UserError
+from qflux.filemodes import give_normal_mode
 
 MANIFEST = "manifest.json"
 LORA = "lora.safetensors"
@@ -93,8 +94,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: object,
     keep: int,
+    lora_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a checkpoint atomically, then delete all but the newest ``keep``.
+
+    ``lora_metadata`` goes into the LoRA file's header (``lora.checkpoint_lora_metadata``: its alpha, so that
+    ``qflux sample --lora`` applies the checkpoint's LoRA at the trained strength).
 
     The files are serialised in memory and written with plain file I/O, so that a full disk (or a read-only
     folder) surfaces as an ``OSError`` naming the file; it becomes a ``UserError`` saying which checkpoint is
@@ -110,7 +115,7 @@ def save_checkpoint(
     try:
         buffer = io.BytesIO()
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, buffer)
-        payloads = {LORA: save_safetensors(lora), TRAINING: buffer.getbuffer(),
+        payloads = {LORA: save_safetensors(lora, metadata=lora_metadata), TRAINING: buffer.getbuffer(),
                     STATE: json.dumps(asdict(position), indent=2).encode()}
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
@@ -119,6 +124,7 @@ def save_checkpoint(
             _write(tmp / name, data)
             files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         _write(tmp / MANIFEST, json.dumps(files, indent=2).encode())
+        give_normal_mode(tmp)  # mkdtemp's 0700 would survive the rename: others could not read the checkpoint
         if final.exists():
             shutil.rmtree(final)
         tmp.replace(final)

@@ -35,7 +35,8 @@ from qflux.training.encoding import (
     prepare_samples,
     signatures_of,
 )
-from qflux.training.lora import attach_lora, export_lora, load_lora_state, lora_state_dict
+from qflux.training.lora import (attach_lora, checkpoint_lora_metadata, export_lora, load_lora_state,
+                                 lora_state_dict)
 from qflux.training.metrics import MetricsLog, plot_loss
 from qflux.training.optim import build_lr_scheduler, build_optimizer
 from qflux.training.progress import TrainProgress
@@ -286,7 +287,8 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         path = None
         if is_main:
             path = ckpt.save_checkpoint(output_dir, position, lora_state_dict(accelerator.unwrap_model(transformer)),
-                                        optimizer, lr_scheduler, config.train.keep_checkpoints)
+                                        optimizer, lr_scheduler, config.train.keep_checkpoints,
+                                        lora_metadata=checkpoint_lora_metadata(config.model.lora))
         accelerator.wait_for_everyone()
         return path
 
