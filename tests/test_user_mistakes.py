@@ -395,6 +395,22 @@ def _(tmp):
              "use a LoRA trained for this trainer's model family"])
 
 
+@case("sample-lora-does-not-land")
+def _(tmp):
+    import torch
+    from safetensors.torch import save_file
+
+    image(tmp / "in.png", (32, 32))
+    # a Kontext LoRA whose to_k has lora_A but lost its lora_B: loading it would drop a tensor silently
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 128),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(128, 4),
+               "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": torch.zeros(4, 128)}, tmp / "half.safetensors")
+    return (["sample", "--config", str(config(tmp)), "--lora", str(tmp / "half.safetensors"), "--image",
+             str(tmp / "in.png"), "--prompt", "make it blue", "--out", str(tmp / "out.png"), "--steps", "1"],
+            ["half.safetensors: 1 of its 3 tensors would not land on this FluxTransformer2DModel",
+             "to_k.lora_A.weight: its lora_A / lora_B partner is missing", "diffusers-format LoRAs of the transformer only"])
+
+
 @case("sample-lora-not-safetensors")
 def _(tmp):
     import torch
