@@ -9,7 +9,7 @@ import json
 import re
 import types
 from pathlib import Path
-from typing import Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import pytest
 import yaml
@@ -268,6 +268,8 @@ def test_loss_wrapper_from_the_doc_wraps_the_default_loss(tmp_path: Path) -> Non
 
 def type_name(ann) -> str:
     origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:  # e.g. PathStr: documented as its base type
+        return type_name(args[0])
     if origin is Literal:
         return " | ".join(str(a) for a in args)
     if origin in (Union, types.UnionType):

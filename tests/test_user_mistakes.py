@@ -293,6 +293,73 @@ def _(tmp):
     return train_args(data_config(tmp, root)), ["'a' has 4 control images but the trainer takes at most 3"]
 
 
+@case("data-no-controls")
+def _(tmp):  # ai-toolkit's controls/ next to training_images/: every pair would train as text-to-image
+    root = folder(tmp / "pairs", {f"s{i}": {"controls": 0} for i in range(3)})
+    for i in range(3):
+        image(root / "controls" / f"s{i}.png")
+    return train_args(data_config(tmp, root)), ["no sample has a control image", f"{root / 'controls'} holds 3 "
+                                                "image(s) named like the targets and is not read",
+                                                "rename it control_images/", "--allow-no-controls"]
+
+
+@case("data-control-path-missing")
+def _(tmp):
+    path = data_config(tmp, good_folder(tmp / "targets") / "training_images")
+    return train_args(path, "--set", "data.control_path=ctrl"), ["data.control_path ctrl: not found"]
+
+
+@case("data-control-path-with-training-images")
+def _(tmp):
+    root = good_folder(tmp / "pairs")
+    return train_args(data_config(tmp, root), "--set", f"data.control_path={root / 'control_images'}"), [
+        "holds training_images/: with data.control_path set, data.path is the folder of the target images itself",
+        f"set data.path to {root / 'training_images'}"]
+
+
+@case("data-control-path-with-manifest")
+def _(tmp):
+    image(tmp / "pairs" / "t.png")
+    manifest = tmp / "pairs" / "train.jsonl"
+    manifest.write_text('{"target": "t.png", "prompt": "edit"}\n')
+    return train_args(data_config(tmp, manifest), "--set", "data.control_path=pairs"), [
+        "data.control_path works with a folder data.path", "remove data.control_path"]
+
+
+@case("data-numbered-and-plain-control")
+def _(tmp):
+    root = good_folder(tmp / "pairs")
+    image(tmp / "ctrl" / "s0.png")
+    image(tmp / "ctrl" / "s0_0.png")
+    for stem in ("s1", "s2"):
+        image(tmp / "ctrl" / f"{stem}.png")
+    return train_args(data_config(tmp, root / "training_images"), "--set", f"data.control_path={tmp / 'ctrl'}"), [
+        "'s0' has both a control named like the target and numbered ones in ctrl/ (s0.png, s0_0.png)"]
+
+
+@case("data-mask-missing")
+def _(tmp):
+    root = folder(tmp / "pairs", {"a": {"mask": (48, 32)}, "b": {"mask": (48, 32)}, "c": {}})
+    return train_args(data_config(tmp, root)), ["'c' has no mask while 2 of 3 samples have one"]
+
+
+@case("data-mask-all-black")
+def _(tmp):
+    root = good_folder(tmp / "pairs")
+    Image.new("L", (48, 32), 0).save(root / "control_images" / "s1_mask.png")
+    return train_args(data_config(tmp, root)), ["s1_mask.png", "the mask is all black"]
+
+
+@case("data-mask-zero-one")
+def _(tmp):
+    root = good_folder(tmp / "pairs")
+    mask = np.zeros((32, 48), dtype=np.uint8)
+    mask[8:24, 10:30] = 1  # a 0/1 array saved as is: looks black
+    Image.fromarray(mask).save(root / "control_images" / "s1_mask.png")
+    return train_args(data_config(tmp, root)), ["s1_mask.png", "holds only the values 0 and 1, so it looks all black",
+                                                "multiply it by 255"]
+
+
 @case("data-extreme-aspect-ratio")
 def _(tmp):
     root = folder(tmp / "pairs", {"a": {}, "b": {"size": (320, 32)}})

@@ -116,3 +116,110 @@ def test_cli_data_check(planted, make_folder, tmp_path):
 
     missing = _qflux("data", "check", "--config", "cfg.yaml", "--set", "data.path=nowhere", cwd=tmp_path)
     assert missing.returncode == 2 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
+
+
+# --------------------------------------------------------------------------- the report (issue 14)
+
+
+def test_report_counts_controls_masks_sizes_holdout_and_skipped(make_folder, write_image):
+    from qflux.data import inspect_dataset
+
+    root = make_folder(
+        {
+            "one_a": {"size": (64, 48), "controls": [(32, 32)], "mask": (64, 48)},
+            "one_b": {"size": (64, 48), "controls": [(32, 32)], "mask": (64, 48)},
+            "one_c": {"size": (48, 64), "controls": [(32, 32)], "mask": (48, 64)},
+            "two": {"size": (32, 32), "controls": [(32, 32), (32, 32)], "mask": (32, 32)},
+            "t2i": {"size": (64, 48), "mask": (64, 48)},
+        },
+        name="report",
+    )
+    write_image(root / "training_images" / "more" / "x.png")
+    report = inspect_dataset(DataConfig(path=str(root), resolution=64, holdout=2))
+    assert report.samples == 5 and report.source == f"folder {root}"
+    assert report.controls == {0: 1, 1: 3, 2: 1}
+    assert report.masks == 5
+    assert report.resize == "budget 64x64 px, aspect kept"
+    assert report.sizes == {(80, 48): 3, (48, 80): 1, (64, 64): 1}  # (w, h) at about 64*64 pixels
+    assert len(report.held_out) == 2 and set(report.held_out) <= {"one_a", "one_b", "one_c", "two", "t2i"}
+    assert [Path(p.file).name for p in report.skipped] == ["more"]
+    lines = {line.label: line for line in report.lines()}
+    assert lines["controls"].text == "1 with 0 (text-to-image), 3 with 1, 1 with 2"
+    assert lines["masks"].text == "5 of 5"
+    assert lines["held out"].text.startswith("2 (") and lines["held out"].text.endswith("; 3 train")
+    assert lines["skipped"].details and "subfolder not read" in lines["skipped"].details[0]
+
+    buckets = inspect_dataset(DataConfig(path=str(root), resolution=[(32, 32), (32, 48), (48, 32)], holdout=9))
+    assert buckets.resize == "aspect buckets"
+    assert buckets.sizes == {(48, 32): 3, (32, 48): 1, (32, 32): 1}
+    assert len(buckets.held_out) == 4 and "holding out 4" in buckets.holdout_note
+
+
+def test_an_edit_trainer_refuses_a_dataset_without_controls_naming_the_unread_folder(make_folder, write_image,
+                                                                                     tmp_path):
+    from qflux.data import inspect_dataset, validate_dataset
+
+    root = make_folder({f"p{i}": {} for i in range(3)}, name="aitk")
+    for i in range(3):
+        write_image(root / "controls" / f"p{i}.png")
+    config = DataConfig(path=str(root), resolution=32)
+    assert inspect_dataset(config).ok  # no trainer, no requirement (a library caller's text-to-image data)
+    report = inspect_dataset(config, needs_controls=True)
+    [problem] = report.problems
+    assert problem.file == str(root / "controls")
+    assert "no sample has a control image" in problem.reason and "all 3 samples would train as text-to-image" \
+        in problem.reason
+    assert f"{root / 'controls'} holds 3 image(s) named like the targets and is not read: rename it " \
+           "control_images/" in problem.reason
+    assert "--allow-no-controls" in problem.reason
+    with pytest.raises(DataError, match="no sample has a control image"):
+        validate_dataset(config, needs_controls=True)
+
+    allowed = inspect_dataset(DataConfig(path=str(root), resolution=32, allow_no_controls=True), needs_controls=True)
+    assert allowed.ok and len(allowed.warnings) == 1 and "training anyway" in allowed.warnings[0].reason
+
+    # separate folders whose control folder holds no image named like a target: the same refusal
+    other = tmp_path / "ctl"
+    write_image(other / "unrelated.png")
+    separate = DataConfig(path=str(root / "training_images"), control_path=str(other), resolution=32)
+    reasons = [p.reason for p in inspect_dataset(separate, needs_controls=True).problems]
+    assert any("no sample has a control image" in r for r in reasons), reasons
+
+
+def test_masks_that_mark_nothing_and_a_forgotten_mask(make_folder):
+    import numpy as np
+
+    from qflux.data import inspect_dataset
+
+    root = make_folder({s: {"controls": [(32, 32)], "mask": (48, 32)} for s in ("good", "black", "binary", "nomask")},
+                       name="masks")
+    c = root / "control_images"
+    Image.new("L", (48, 32), 0).save(c / "black_mask.png")
+    binary = np.zeros((32, 48), dtype=np.uint8)
+    binary[4:20, 4:30] = 1
+    Image.fromarray(binary).save(c / "binary_mask.png")
+    (c / "nomask_mask.png").unlink()
+    problems = {Path(p.file).name: p.reason for p in inspect_dataset(DataConfig(path=str(root), resolution=32)).problems}
+    assert set(problems) == {"black_mask.png", "binary_mask.png", "nomask.png"}, problems
+    assert problems["black_mask.png"].startswith("the mask is all black")
+    assert "only the values 0 and 1, so it looks all black" in problems["binary_mask.png"]
+    assert "'nomask' has no mask while 3 of 4 samples have one" in problems["nomask.png"]
+
+
+def test_cli_data_check_reports_and_allow_no_controls(make_folder, write_image, tmp_path):
+    root = make_folder({f"p{i}": {"size": (64, 48)} for i in range(3)}, name="aitk")
+    for i in range(3):
+        write_image(root / "controls" / f"p{i}.png")
+    (tmp_path / "cfg.yaml").write_text(f"data:\n  path: {root}\n  resolution: 32\n  holdout: 1\n", encoding="utf-8")
+    refused = _qflux("data", "check", "--config", "cfg.yaml", cwd=tmp_path)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    out = " ".join(refused.stdout.split())
+    assert "no sample has a control image" in out and "aitk/controls holds 3 image(s)" in out
+    assert "controls 3 with 0 (text-to-image)" in out and "held out 1 (" in out
+    assert "sizes budget 32x32 px, aspect kept: 32x32 x3" in out
+
+    allowed = _qflux("data", "check", "--config", "cfg.yaml", "--allow-no-controls", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    text = " ".join(allowed.stdout.split())
+    assert "warning: aitk/controls: no sample has a control image" in text and "3 samples ok" in text
+    assert "skipped 1 file(s) or folder(s) not read" in text

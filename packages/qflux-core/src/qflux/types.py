@@ -35,6 +35,9 @@ class TrainerInfo:
     pipeline: str  # import path of the diffusers pipeline used for sampling and LoRA export
     default_model: str = ""  # hub id of the real model this trainer targets
     max_controls: int = 1  # how many control images one sample may carry
+    # an edit trainer: a dataset in which no sample has a control image is refused (a misnamed control folder
+    # would silently train text-to-image) unless data.allow_no_controls; False: a text-to-image trainer
+    needs_controls: bool = True
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,33 @@ def _shown(file: str) -> str:
     return file[len(cwd) :] if file.startswith(cwd) else file
 
 
-def _max_controls(trainer: str) -> int | None:
-    """The trainer's control limit when its plugin is installed; None otherwise (data checks need no model)."""
+# ``--allow-no-controls`` on ``qflux data check`` and ``qflux train``: the same as this --set (config.yaml records it)
+ALLOW_NO_CONTROLS_SET = "data.allow_no_controls=true"
+ALLOW_NO_CONTROLS_HELP = ("Train an edit trainer on a dataset without any control image (text-to-image) with a "
+                          "warning instead of refusing it; the same as --set data.allow_no_controls=true.")
+
+
+def _trainer_needs(trainer: str) -> tuple[int | None, bool]:
+    """``(max_controls, needs_controls)`` of the trainer when its plugin is installed; otherwise no control limit,
+    and controls needed (every qflux trainer edits images; data checks need no model)."""
     try:
         from qflux.plugins import build_registry
 
-        return build_registry().trainers[trainer].max_controls
+        info = build_registry().trainers[trainer]
+        return info.max_controls, info.needs_controls
     except Exception:  # noqa: BLE001 - a missing or broken plugin must not stop a data check
-        return None
+        return None, True
+
+
+def _print_report(console: Console, report) -> None:  # noqa: ANN001 - qflux.data.DataReport (imported lazily)
+    """The facts of the report, its warnings and what was skipped (with the reason)."""
+    console.print(f"[bold]{escape(report.source)}[/]")
+    for line in report.lines():
+        console.print(f"  {line.label:<10} {escape(line.text)}")
+        for detail in line.details:
+            console.print(f"{'':13}- {escape(_shown(detail))}")
+    for warning in report.warnings:
+        console.print(f"[bold yellow]warning:[/] {escape(_shown(str(warning)))}")
 
 
 @app.command("check")
@@ -39,15 +58,20 @@ def check(
     config: Path = typer.Option(..., "--config", "-c", help="YAML config file (its data: section is checked)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     trainer: str | None = typer.Option(None, "--trainer", help="Override the config's trainer."),
+    allow_no_controls: bool = typer.Option(False, "--allow-no-controls", help=ALLOW_NO_CONTROLS_HELP),
 ) -> None:
-    """Decode every sample of data.path and list each problem (file, reason). Exit 1 when there are any."""
+    """Decode every sample of data.path; print what it holds (samples, controls, masks, planned sizes, held-out
+    samples, what is not read and why) and list each problem (file, reason). Exit 1 when there are any."""
     from qflux.data import inspect_dataset
 
+    set_ = [*set_, ALLOW_NO_CONTROLS_SET] if allow_no_controls else set_
     cfg = load_config(config, set_, trainer)
-    report = inspect_dataset(cfg.data, base_dir=None, max_controls=_max_controls(cfg.trainer))
+    max_controls, needs_controls = _trainer_needs(cfg.trainer)
+    report = inspect_dataset(cfg.data, base_dir=None, max_controls=max_controls, needs_controls=needs_controls)
     console = Console(highlight=False)
     if not console.is_terminal:  # piped or captured: never cut file names
         console = Console(highlight=False, width=1000)
+    _print_report(console, report)
     if report.ok:
         console.print(f"[green]{report.samples} samples ok[/] ({escape(cfg.data.path)})")
         return

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from qflux.cli.config_cmd import SET_HELP
+from qflux.cli.data_cmd import ALLOW_NO_CONTROLS_HELP, ALLOW_NO_CONTROLS_SET
 from qflux.config import load_config
 from qflux.errors import UserError
 
@@ -24,6 +25,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest valid checkpoint in output.dir."),
     resume_from: Path | None = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
     cache: bool = typer.Option(False, "--cache", help="Fill the embedding cache first (encoders then freed)."),
+    allow_no_controls: bool = typer.Option(False, "--allow-no-controls", help=ALLOW_NO_CONTROLS_HELP),
 ) -> None:
     """Train a LoRA as configured; writes the LoRA, checkpoints, samples and logs under output.dir."""
     from qflux.config.preflight import check_run
@@ -33,6 +35,7 @@ def train(
         raise UserError("use either --resume or --resume-from, not both")
     if resume_from is not None and not resume_from.is_dir():
         raise UserError(f"--resume-from: checkpoint folder not found: {resume_from}")
+    set_ = [*set_, ALLOW_NO_CONTROLS_SET] if allow_no_controls else set_
     cfg = load_config(config, set_, trainer)
     if cache and not cfg.cache.enabled:
         raise UserError("--cache needs cache.enabled: true (or drop --cache)")

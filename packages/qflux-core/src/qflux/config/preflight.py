@@ -294,7 +294,8 @@ def check_data(config: QfluxConfig, registry: Registry) -> None:
 
     trainer = registry.trainer(config.trainer)
     decoded = _cached_predicate(config, registry)
-    records = validate_dataset(config.data, max_controls=trainer.max_controls, decoded=decoded)
+    records = validate_dataset(config.data, max_controls=trainer.max_controls, decoded=decoded,
+                               needs_controls=trainer.needs_controls)
     if config.data.holdout and len(records) < 2:
         raise ConfigError(f"data.holdout={config.data.holdout} needs at least 2 samples, the dataset has "
                           f"{len(records)}: add samples or set data.holdout: 0")

@@ -53,6 +53,11 @@ Resolution = int | tuple[int, int] | list[tuple[int, int]]
 
 class DataConfig(Section):
     path: PathStr = "builtin:shapes"  # folder | .csv/.jsonl manifest | hf:OWNER/NAME[:split] | builtin:shapes
+    # separate folders (ai-toolkit folder_path + control_path, musubi image/control directories): with
+    # control_path set, path is the folder of target images + .txt captions; a list = one folder per control slot
+    control_path: PathStr | list[PathStr] | None = None
+    mask_path: PathStr | None = None  # a folder of masks named like the targets (any folder layout)
+    allow_no_controls: bool = False  # an edit trainer on a dataset without any control image: warn, not refuse
     resolution: Resolution = 512  # int = pixel budget of a square (keep aspect); [h, w] = fixed; list = buckets
     resize: Literal["budget", "fixed", "buckets"] | None = None  # None: derived from the resolution's form
     control_resolution: int | None = None  # pixel budget side for control images (None: as the target)

@@ -229,12 +229,28 @@ class DataProblem:
         return f"{self.file}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class UnreadFolder:
+    """A folder next to a dataset that its layout does not read but that holds images: ``matching`` of its
+    ``images`` are named like the dataset's targets (a misnamed control or mask folder)."""
+
+    path: Path
+    images: int
+    matching: int
+
+
 @dataclass
 class SourceScan:
     """What a source found: usable records, ``errors`` that make the dataset ambiguous or invalid
-    (``open_records`` refuses to continue) and ``warnings`` about skipped files (logged)."""
+    (``open_records`` refuses to continue), ``warnings`` about files that belong to no sample (fatal before a
+    run), ``skipped``: files and folders that are not read, with the reason (reported, not fatal), and
+    ``unread``: folders near the dataset holding images (the first place to look when no sample has a control).
+    ``control_hint`` says how a control is added in this source (for the "no sample has a control" message)."""
 
     records: list[SampleRecord] = field(default_factory=list)
     errors: list[DataProblem] = field(default_factory=list)
     warnings: list[DataProblem] = field(default_factory=list)
     description: str = ""  # e.g. "folder data/pairs"
+    skipped: list[DataProblem] = field(default_factory=list)
+    unread: list[UnreadFolder] = field(default_factory=list)
+    control_hint: str = ""

@@ -1,9 +1,11 @@
 """``open_records``: the records of the dataset ``data.path`` names, and ``split_holdout``.
 
-``data.path`` forms: a folder (``qflux.data.folder``), a ``.csv`` / ``.jsonl`` manifest
+``data.path`` forms: a folder (``qflux.data.folder``: the training_images/ + control_images/ layout, or with
+``data.control_path`` set the folder of targets of the separate-folders layout), a ``.csv`` / ``.jsonl`` manifest
 (``qflux.data.manifest``), ``hf:OWNER/NAME[:split]`` or ``hf:PATH[:split]`` (``qflux.data.hf``, a folder saved
 with ``save_to_disk`` is also recognised without the prefix) and ``builtin:shapes`` (``qflux.data.shapes``).
-A relative path is resolved against ``base_dir`` (default: the current directory).
+``data.mask_path`` adds a folder of masks to either folder layout. A relative path (``data.path``,
+``data.control_path``, ``data.mask_path``) is resolved against ``base_dir`` (default: the current directory).
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qflux.config.schema import DataConfig
-from qflux.data.folder import CONTROL_DIR, TARGET_DIR, is_folder_dataset, scan_folder
+from qflux.data.folder import (
+    CONTROL_DIR,
+    TARGET_DIR,
+    guess_control_folders,
+    is_folder_dataset,
+    scan_folder,
+    scan_separate,
+)
 from qflux.data.hf import is_saved_dataset, scan_hf
 from qflux.data.manifest import MANIFEST_SUFFIXES, is_manifest, scan_manifest
 from qflux.data.records import DataProblem, SampleRecord, SourceScan
@@ -28,6 +37,46 @@ BUILTINS = ("shapes",)
 _SCHEME_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]+):")
 FORMS = "a folder with training_images/, a .csv/.jsonl manifest, hf:OWNER/NAME[:split], hf:PATH or builtin:shapes"
 MAX_LISTED = 20
+_MANIFEST_HINT = "add a 'control' column with the image before the edit (or map one with data.columns: {control: NAME})"
+_HF_HINT = "map the dataset's column of images before the edit with data.columns (e.g. {control: input_image})"
+
+
+def _folder_key(key: str, value: str, base: Path) -> Path:
+    """The folder a ``data.control_path`` / ``data.mask_path`` entry names; ``DataError`` when it is none."""
+    path = base / Path(value).expanduser()
+    if not value.strip() or not path.exists():
+        raise DataError(f"{key} {value}: not found (looked at {path}); set {key} to a folder of images named "
+                        "like the targets")
+    if not path.is_dir():
+        raise DataError(f"{key} {value}: is a file, not a folder; set {key} to a folder of images named like "
+                        "the targets")
+    return path
+
+
+def _extra_folders(data: DataConfig, base: Path) -> tuple[list[Path], Path | None]:
+    """``(control folders, mask folder)`` of ``data.control_path`` / ``data.mask_path``."""
+    value = data.control_path
+    values = [] if value is None else [value] if isinstance(value, str) else list(value)
+    if isinstance(value, list) and not value:
+        raise DataError("data.control_path is an empty list; name one folder per control, or remove the key")
+    keys = ["data.control_path"] if isinstance(value, str) else [f"data.control_path[{i}]" for i in range(len(values))]
+    controls = [_folder_key(k, v, base) for k, v in zip(keys, values, strict=True)]
+    mask = _folder_key("data.mask_path", data.mask_path, base) if data.mask_path is not None else None
+    return controls, mask
+
+
+def _not_a_folder_source(data: DataConfig, spec: str) -> None:
+    """``data.control_path`` / ``data.mask_path`` name folders of a folder dataset only."""
+    for key in ("control_path", "mask_path"):
+        if getattr(data, key) is not None:
+            raise DataError(f"data.{key} works with a folder data.path (the folder of target images); "
+                            f"{spec} names its images itself (a manifest's or dataset's columns): remove data.{key}")
+
+
+def _with_hint(scan: SourceScan, hint: str) -> SourceScan:
+    if not scan.control_hint:
+        scan.control_hint = hint
+    return scan
 
 
 def scan_dataset(data: DataConfig, base_dir: Path | None = None) -> SourceScan:
@@ -43,12 +92,14 @@ def scan_dataset(data: DataConfig, base_dir: Path | None = None) -> SourceScan:
             raise DataError(
                 f"data.path {spec}: unknown builtin dataset (available: builtin:{', builtin:'.join(BUILTINS)})"
             )
+        _not_a_folder_source(data, spec)
         return SourceScan(records=shapes_records(data), description=spec)
     if match and match["scheme"] == "hf":
         rest = spec[len("hf:") :]
         if not rest:
             raise DataError("data.path hf: needs a dataset, e.g. hf:OWNER/NAME, hf:OWNER/NAME:train or hf:./local_dir")
-        return scan_hf(rest, data, base)
+        _not_a_folder_source(data, spec)
+        return _with_hint(scan_hf(rest, data, base), _HF_HINT)
 
     path = base / Path(spec).expanduser()
     if match and not path.exists():
@@ -56,19 +107,41 @@ def scan_dataset(data: DataConfig, base_dir: Path | None = None) -> SourceScan:
     if not path.exists():
         raise DataError(f"data.path {spec}: not found (looked at {path}); set data.path to {FORMS}")
     if path.is_dir():
+        if data.control_path is not None:
+            controls, masks = _extra_folders(data, base)
+            if is_folder_dataset(path):
+                raise DataError(
+                    f"data.path {spec} holds {TARGET_DIR}/: with data.control_path set, data.path is the folder "
+                    f"of the target images itself (set data.path to {Path(spec) / TARGET_DIR}), or remove "
+                    f"data.control_path to read {TARGET_DIR}/ + {CONTROL_DIR}/"
+                )
+            return scan_separate(path, controls, masks)
         if is_folder_dataset(path):
-            return scan_folder(path)
+            return scan_folder(path, _extra_folders(data, base)[1])
         if is_saved_dataset(path):
-            return scan_hf(str(path), data, base)
+            _not_a_folder_source(data, spec)
+            return _with_hint(scan_hf(str(path), data, base), _HF_HINT)
+        guess = guess_control_folders(path)
         raise DataError(
             f"data.path {spec}: the folder has no {TARGET_DIR}/ subfolder; expected {TARGET_DIR}/<stem>.png + "
-            f"<stem>.txt and optionally {CONTROL_DIR}/<stem>.png (see the docs), or point data.path to a manifest"
+            f"<stem>.txt and optionally {CONTROL_DIR}/<stem>.png (see docs/data.md), or point data.path to a "
+            "manifest; for a folder of targets + .txt captions with the controls in another folder (ai-toolkit's "
+            "folder_path + control_path, musubi-tuner's image_directory + control_directory) set "
+            "data.control_path to the control folder"
+            + (f" (probably {guess[0]}: its images are named like the targets)" if guess else "")
         )
+    _not_a_folder_source(data, spec)
     if is_manifest(path):
-        return scan_manifest(path, data)
+        return _with_hint(scan_manifest(path, data), _MANIFEST_HINT)
     raise DataError(
         f"data.path {spec}: unsupported file type '{path.suffix}' (manifests: {', '.join(MANIFEST_SUFFIXES)})"
     )
+
+
+def empty_folder_hint(data: DataConfig) -> str:
+    if data.control_path is not None:
+        return f"add <stem>.png with <stem>.txt to {data.path}, and the controls <stem>.png to data.control_path"
+    return f"add {TARGET_DIR}/<stem>.png with {TARGET_DIR}/<stem>.txt"
 
 
 def format_problems(problems: Sequence[DataProblem], limit: int = MAX_LISTED) -> str:
@@ -94,7 +167,7 @@ def open_records(data: DataConfig, base_dir: Path | None = None) -> list[SampleR
         raise DataError(
             f"{scan.description}: no samples found; "
             + (
-                f"add {TARGET_DIR}/<stem>.png with {TARGET_DIR}/<stem>.txt"
+                empty_folder_hint(data)
                 if scan.description.startswith("folder")
                 else "add rows with a target image"
             )
