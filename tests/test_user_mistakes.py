@@ -303,6 +303,16 @@ def _(tmp):  # ai-toolkit's controls/ next to training_images/: every pair would
                                                 "rename it control_images/", "--allow-no-controls"]
 
 
+@case("data-unread-folder")
+def _(tmp):  # masks in their own folder inside the dataset: without data.mask_path they would be ignored
+    root = good_folder(tmp / "pairs")
+    for i in range(3):
+        image(root / "masks" / f"s{i}.png", mode="L")
+    return train_args(data_config(tmp, root)), [f"{root / 'masks'}: folder not read: 3 of its 3 image(s) are named "
+                                                "like the targets", "masks: set data.mask_path to it",
+                                                "otherwise move it out of the dataset folder"]
+
+
 @case("data-control-path-missing")
 def _(tmp):
     path = data_config(tmp, good_folder(tmp / "targets") / "training_images")

@@ -163,7 +163,9 @@ def test_an_edit_trainer_refuses_a_dataset_without_controls_naming_the_unread_fo
     for i in range(3):
         write_image(root / "controls" / f"p{i}.png")
     config = DataConfig(path=str(root), resolution=32)
-    assert inspect_dataset(config).ok  # no trainer, no requirement (a library caller's text-to-image data)
+    # no trainer, no control requirement; the folder of images named like the targets is still a problem
+    [unread] = inspect_dataset(config).problems
+    assert unread.file == str(root / "controls") and unread.reason.startswith("folder not read: 3 of its 3 image(s)")
     report = inspect_dataset(config, needs_controls=True)
     [problem] = report.problems
     assert problem.file == str(root / "controls")
@@ -222,4 +224,4 @@ def test_cli_data_check_reports_and_allow_no_controls(make_folder, write_image, 
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     text = " ".join(allowed.stdout.split())
     assert "warning: aitk/controls: no sample has a control image" in text and "3 samples ok" in text
-    assert "skipped 1 file(s) or folder(s) not read" in text
+    assert "skipped nothing" in text  # the unread folder is named once, in the warning

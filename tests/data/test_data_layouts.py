@@ -129,15 +129,18 @@ def test_qflux_layout_reports_what_it_does_not_read(make_folder, write_image, tm
     (c / "a.txt").write_text("a second caption of a", encoding="utf-8")
     write_image(root / "masks" / "a.png", mode="L")
     write_image(root / "cover.png")
+    write_image(root / "grids" / "step-000100.png")  # images named like no target: a note, not a problem
     scan = scan_dataset(data(root))
     skipped = {Path(p.file).relative_to(root).as_posix(): p.reason for p in scan.skipped}
-    assert set(skipped) == {"training_images/batch2", "training_images/notes.md", "control_images/a.txt", "masks",
+    assert set(skipped) == {"training_images/batch2", "training_images/notes.md", "control_images/a.txt", "grids",
                             "cover.png"}
     assert "subfolder not read (1 image(s), 2 file(s))" in skipped["training_images/batch2"]
     assert "the prompt of 'a' is training_images/a.txt" in skipped["control_images/a.txt"]
-    assert "1 of its 1 image(s) are named like the targets" in skipped["masks"]
-    assert "set data.mask_path to it" in skipped["masks"]
+    assert "folder not read (1 image(s))" in skipped["grids"]
     assert "not read" in skipped["cover.png"]
+    # a folder of images named like the targets inside the dataset folder was meant to be read: a problem
+    [masks] = [p.reason for p in scan.warnings if p.file == str(root / "masks")]
+    assert "1 of its 1 image(s) are named like the targets" in masks and "set data.mask_path to it" in masks
     missing = [p.reason for p in scan.warnings if p.file == str(t / "b.txt")]
     assert missing == ["missing prompt: add training_images/b.txt with the edit instruction; control_images/b.txt "
                        "is not read there: move it to training_images/b.txt"]

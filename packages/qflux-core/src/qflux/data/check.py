@@ -296,6 +296,7 @@ def _inspect(data: DataConfig, base_dir: Path | None, max_controls: int | None,
     problems.extend(control_count_problems(scan.records, max_controls))
     problems.extend(mask_count_problems(scan.records))
     if needs_controls and (missing := control_presence_problem(scan, data.allow_no_controls)) is not None:
+        problems = [p for p in problems if p.file != missing.file]  # the unread folder it names: said once
         (warnings if data.allow_no_controls else problems).append(missing)
     unique = list(dict.fromkeys(problems))
     unique.sort(key=lambda p: (p.file, p.reason))

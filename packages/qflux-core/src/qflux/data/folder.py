@@ -18,7 +18,8 @@ Records are sorted by stem. Two files for one slot are an error; controls, masks
 are warnings here (``open_records`` skips them) and fatal before a training run
 (``qflux.data.check.validate_dataset``). Files and folders that are not read (subfolders, other file types, a
 caption put among the controls) are listed in ``SourceScan.skipped`` with the reason: nothing is dropped
-without a word. Folders near the dataset holding images named like the targets are listed in
+without a word; a folder inside the dataset folder holding images named like the targets is a warning (fatal
+before a run): it is almost always a misnamed control or mask folder. Folders near the dataset holding images named like the targets are listed in
 ``SourceScan.unread``: a control folder named ``controls/`` is the usual reason for a dataset without controls.
 """
 
@@ -210,7 +211,10 @@ def scan_folder(root: Path, mask_dir: Path | None = None) -> SourceScan:
     scan.unread = _unread([*others, *nested], target_stems)
     for folder in scan.unread:
         if folder.path in others:
-            scan.skipped.append(DataProblem(str(folder.path), _unread_reason(folder, qflux=True)))
+            # a folder of images named like the targets inside the dataset folder was meant to be read (a
+            # misnamed control or mask folder): a problem, not a note
+            found = DataProblem(str(folder.path), _unread_reason(folder, qflux=True))
+            (scan.warnings if folder.matching else scan.skipped).append(found)
     return _records(slots, scan, names)
 
 
@@ -220,7 +224,8 @@ def _unread_reason(folder: UnreadFolder, qflux: bool) -> str:
                f"data.path to {TARGET_DIR}/); "
                if qflux else "if it holds the controls, set data.control_path to it; ")
         return (f"folder not read: {folder.matching} of its {folder.images} image(s) are named like the targets; "
-                f"{fix}masks: set data.mask_path to it")
+                f"{fix}masks: set data.mask_path to it" + ("; otherwise move it out of the dataset folder"
+                                                            if qflux else ""))
     return (f"folder not read ({folder.images} image(s)): the folder layout reads only {TARGET_DIR}/ and "
             f"{CONTROL_DIR}/")
 
