@@ -177,12 +177,26 @@ def _(tmp):
 
 @case("config-resolution-not-multiple-of-16")
 def _(tmp):
-    return train_args(config(tmp), "--set", "data.resolution=500"), ["'data.resolution'", "multiples of 16", "500"]
+    return train_args(config(tmp), "--set", "data.resolution=500"), ["'data.resolution'", "multiples of 16",
+                                                                     "500 is not, use 496 or 512"]
+
+
+@case("config-key-of-another-tool")
+def _(tmp):
+    path = config(tmp, train={"steps": 10})
+    return train_args(path), ["unknown key 'train.steps' (did you mean 'train.max_steps'?)"]
+
+
+@case("config-resize-fixed-with-buckets")
+def _(tmp):
+    return train_args(config(tmp), "--set", "data.resize=fixed", "--set", "data.resolution=[[32, 32], [32, 48]]"), \
+        ["data.resize: 'fixed' needs data.resolution as an int or [h, w], not a list of buckets"]
 
 
 @case("unknown-trainer")
 def _(tmp):
-    return train_args(config(tmp), "--trainer", "kontxt"), ["unknown trainer 'kontxt'", "installed trainers: kontext"]
+    return train_args(config(tmp), "--trainer", "kontxt"), ["unknown trainer 'kontxt'", "installed trainers: kontext",
+                                                            "did you mean 'kontext'?"]
 
 
 @case("trainer-not-installed")
@@ -449,10 +463,10 @@ def _(tmp, qwen_folder):
 
 @case("lora-target-missing")
 def _(tmp):
-    # found only once the transformer is loaded, after the run started writing: what it wrote is removed
+    # found before anything is encoded (the transformer built on the meta device): no cache entry is written
     path = config(tmp, model={"pretrained": "builtin:tiny", "dtype": "float32",
                               "lora": {"rank": 4, "alpha": 4, "targets": ["to_q", "to_qkv"]}},
-                  cache={"enabled": False}, data={"num_samples": 2, "holdout": 0})
+                  data={"num_samples": 2, "holdout": 0})
     return train_args(path), ["model.lora.targets: no module named 'to_qkv' in FluxTransformer2DModel",
                                       "its linear layers are named", "to_out.0"]
 

@@ -31,7 +31,7 @@ def open_cache(config: QfluxConfig, registry: Registry, console: Console) -> tup
         raise ConfigError(f"cache.dir: {root} is a file, not a folder")
     # The folder itself is created by the first entry written, so a run that fails before encoding leaves
     # no empty cache folder behind.
-    return EmbeddingCache(root, warn=console.print), context
+    return EmbeddingCache(root, warn=console.print, owner=trainer.name), context
 
 
 def build_cache(config: QfluxConfig, registry: Registry, console: Console | None = None) -> CacheBuildReport:

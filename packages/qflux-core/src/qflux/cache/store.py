@@ -32,6 +32,18 @@ class EntryStamp:
 
 
 @dataclass
+class PrunePlan:
+    """What ``prune`` removes, and what it keeps because another trainer (or an unknown one) wrote it."""
+
+    remove: list[str]
+    bytes: int  # on disk, of the entries to remove
+    kept_other: dict[str, int]  # trainer ("unknown": written before the index recorded it) -> entries kept
+
+
+UNKNOWN_OWNER = "unknown"
+
+
+@dataclass
 class CacheProblem:
     key: str
     path: Path
@@ -39,10 +51,13 @@ class CacheProblem:
 
 
 class EmbeddingCache:
-    def __init__(self, root: Path, warn: Callable[[str], None] = lambda message: None) -> None:
+    def __init__(self, root: Path, warn: Callable[[str], None] = lambda message: None,
+                 owner: str | None = None) -> None:
         self.root = Path(root)
         self.warn = warn
-        self._index: dict[str, set[EntryStamp]] = {}
+        self.owner = owner  # the trainer whose entries this writes: recorded in the index, so that prune
+        self._index: dict[str, set[EntryStamp]] = {}  # can leave other trainers' entries in a shared cache
+        self._owners: dict[str, str] = {}
         self._read_index()
 
     # ------------------------------------------------------------------ index
@@ -59,9 +74,19 @@ class EmbeddingCache:
                 except (ValueError, KeyError, TypeError):
                     continue  # a torn last line from a killed writer: that entry is simply re-encoded
                 self._index.setdefault(key, set()).add(stamp)
+                if isinstance(row.get("trainer"), str):
+                    self._owners[key] = row["trainer"]
+
+    def _row(self, key: str, stamp: EntryStamp) -> str:
+        row = {"key": key, "bytes": stamp.bytes, "sha256": stamp.sha256}
+        if key in self._owners:
+            row["trainer"] = self._owners[key]
+        return json.dumps(row) + "\n"
 
     def _append_index(self, key: str, stamp: EntryStamp) -> None:
-        line = json.dumps({"key": key, "bytes": stamp.bytes, "sha256": stamp.sha256}) + "\n"
+        if self.owner is not None:
+            self._owners[key] = self.owner
+        line = self._row(key, stamp)
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / INDEX, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -168,14 +193,28 @@ class EmbeddingCache:
     def total_bytes(self) -> int:
         return sum(max(s.bytes for s in stamps) for stamps in self._index.values())
 
-    def prune(self, keep: Iterable[str]) -> int:
-        """Delete entries not in ``keep`` and rewrite the index compactly; returns how many were removed."""
+    def owner_of(self, key: str) -> str:
+        return self._owners.get(key, UNKNOWN_OWNER)
+
+    def plan_prune(self, keep: Iterable[str], trainer: str | None = None) -> PrunePlan:
+        """The entries not in ``keep``; with ``trainer``, only those that trainer wrote (the others are counted
+        in ``kept_other``: a shared cache holds other trainers' entries, which ``keep`` never lists)."""
         keep = set(keep)
-        removed = [k for k in self._index if k not in keep]
+        unused = [k for k in self.keys() if k not in keep]
+        remove = [k for k in unused if trainer is None or self.owner_of(k) == trainer]
+        kept: dict[str, int] = {}
+        for key in set(unused) - set(remove):
+            kept[self.owner_of(key)] = kept.get(self.owner_of(key), 0) + 1
+        size = sum(max(s.bytes for s in self._index[k]) for k in remove)
+        return PrunePlan(remove, size, dict(sorted(kept.items())))
+
+    def prune(self, keep: Iterable[str], trainer: str | None = None) -> int:
+        """Delete the entries ``plan_prune`` lists and rewrite the index compactly; returns how many."""
+        removed = self.plan_prune(keep, trainer).remove
         for key in removed:
             self.drop(key)
-        lines = "".join(json.dumps({"key": k, "bytes": s.bytes, "sha256": s.sha256}) + "\n"
-                        for k in self.keys() for s in sorted(self._index[k], key=lambda s: s.sha256))
+            self._owners.pop(key, None)
+        lines = "".join(self._row(k, s) for k in self.keys() for s in sorted(self._index[k], key=lambda s: s.sha256))
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".index-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 import yaml
 
+from qflux.cli.options import config_argument, config_option, pick_config
 from qflux.config import QfluxConfig, load_config
 from qflux.plugins import build_registry
 
@@ -15,18 +16,24 @@ app = typer.Typer(help="Validate or print a config.", no_args_is_help=True)
 SET_HELP = "Override a config key, e.g. --set train.lr=1e-4 (value parsed as YAML). Repeatable."
 
 
-def resolve(path: Path | None, overrides: list[str], trainer: str | None = None) -> QfluxConfig:
-    """Load and validate a config, including that its trainer and quantizer are installed and that its
-    optimizer and LR scheduler exist."""
+def check_names(config: QfluxConfig, registry) -> None:
+    """The names a config gives exist: trainer, quantizer, optimizer, LR scheduler."""
     from qflux.training.optim import check_optimizer, check_scheduler
 
-    config = load_config(path, overrides, trainer)
-    registry = build_registry()
     registry.trainer(config.trainer)
     if config.model.quantize:
         registry.quantizer(config.model.quantize)
     check_optimizer(config.train)
     check_scheduler(config.train)
+
+
+def resolve(path: Path | None, overrides: list[str], trainer: str | None = None) -> QfluxConfig:
+    """Load and validate a config and run every config-level check of ``qflux train``
+    (``qflux.config.preflight.check_config``)."""
+    from qflux.config.preflight import check_config
+
+    config = load_config(path, overrides, trainer)
+    check_config(config, build_registry())
     return config
 
 
@@ -36,21 +43,27 @@ def to_yaml(config: QfluxConfig) -> str:
 
 @app.command("check")
 def check(
-    file: Path = typer.Argument(..., help="YAML config file."),
+    file: Path | None = config_argument(),
+    config_file: Path | None = config_option(),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     trainer: str | None = typer.Option(None, "--trainer", help="Override the config's trainer."),
 ) -> None:
-    """Validate FILE: schema, types, that the trainer / quantizer it names are installed, and that its
-    optimizer and LR scheduler exist."""
+    """Validate FILE with every check `qflux train` makes before it reads the data (docs/errors.md): schema,
+    types, plugins, optimizer, scheduler, resize mode, model folder, model.lora.targets, validation images."""
+    file = pick_config(file, config_file, "config check")
     config = resolve(file, set_, trainer)
     typer.echo(f"{file}: ok (trainer {config.trainer})")
 
 
 @app.command("show")
 def show(
-    file: Path = typer.Argument(..., help="YAML config file."),
+    file: Path | None = config_argument(),
+    config_file: Path | None = config_option(),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     trainer: str | None = typer.Option(None, "--trainer", help="Override the config's trainer."),
 ) -> None:
     """Print the resolved config (defaults filled in, overrides applied) as YAML."""
-    typer.echo(to_yaml(resolve(file, set_, trainer)), nl=False)
+    file = pick_config(file, config_file, "config show")
+    config = load_config(file, set_, trainer)
+    check_names(config, build_registry())
+    typer.echo(to_yaml(config), nl=False)

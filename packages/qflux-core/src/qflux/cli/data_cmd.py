@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from qflux.cli.options import config_argument, config_option, pick_config
 from qflux.config import load_config
 
 app = typer.Typer(help="Inspect the training data.", no_args_is_help=True)
@@ -55,7 +56,8 @@ def _print_report(console: Console, report) -> None:  # noqa: ANN001 - qflux.dat
 
 @app.command("check")
 def check(
-    config: Path = typer.Option(..., "--config", "-c", help="YAML config file (its data: section is checked)."),
+    file: Path | None = config_argument(),
+    config: Path | None = config_option("YAML config file (its data: section is checked; or FILE)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     trainer: str | None = typer.Option(None, "--trainer", help="Override the config's trainer."),
     allow_no_controls: bool = typer.Option(False, "--allow-no-controls", help=ALLOW_NO_CONTROLS_HELP),
@@ -64,8 +66,12 @@ def check(
     samples, what is not read and why) and list each problem (file, reason). Exit 1 when there are any."""
     from qflux.data import inspect_dataset
 
+    from qflux.config.preflight import check_config
+    from qflux.plugins import build_registry
+
     set_ = [*set_, ALLOW_NO_CONTROLS_SET] if allow_no_controls else set_
-    cfg = load_config(config, set_, trainer)
+    cfg = load_config(pick_config(file, config, "data check"), set_, trainer)
+    check_config(cfg, build_registry(), need_plugins=False)  # what train refuses before reading data, refused here
     max_controls, needs_controls = _trainer_needs(cfg.trainer)
     report = inspect_dataset(cfg.data, base_dir=None, max_controls=max_controls, needs_controls=needs_controls)
     console = Console(highlight=False)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 import logging
 import sys
+import traceback
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from qflux.cli import cache_cmd, config_cmd, data_cmd, plugins_cmd, sample_cmd, train_cmd
+from qflux.cli import cache_cmd, config_cmd, data_cmd, import_cmd, plugins_cmd, sample_cmd, train_cmd
 from qflux.errors import QfluxError
 
 # errno values of a failed write that the user fixes (disk full, quota, read-only file system, ulimit -f)
@@ -29,36 +30,48 @@ app.add_typer(data_cmd.app, name="data")
 app.command("train")(train_cmd.train)
 app.command("sample")(sample_cmd.sample)
 app.add_typer(cache_cmd.app, name="cache")
+app.add_typer(import_cmd.app, name="import")
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors (anywhere on the "
+                                                           "command line; the exit code stays the same).")) -> None:
     """qflux: train LoRAs for image-editing models."""
 
 
+def _split_debug(args: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` anywhere before a ``--`` (``qflux train c.yaml --debug`` as well as ``qflux --debug train``),
+    taken out so that no subcommand needs to declare it."""
+    end = args.index("--") if "--" in args else len(args)
+    debug = "--debug" in args[:end]
+    return [a for i, a in enumerate(args) if not (a == "--debug" and i < end)], debug
+
+
+def _report(message: str, debug: bool) -> None:
+    """One ``error:`` line; with ``--debug`` the traceback first (the exit code stays the same)."""
+    if debug:
+        traceback.print_exc()
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    args, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     # bitsandbytes warns at import on CPU-only machines about an optional kernel package; it is not actionable
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         app(args=args, prog_name="qflux")
     except QfluxError as err:
-        if debug:
-            raise
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}",
-                                                                   markup=True)
+        _report(str(err), debug)
         sys.exit(err.exit_code)
     except OSError as err:  # a full disk or a read-only folder the writers did not name themselves
-        if debug or err.errno not in _DISK_ERRNOS or not err.filename:
+        if err.errno not in _DISK_ERRNOS or not err.filename:
             raise
         from qflux.training.checkpoint import write_failure
 
-        Console(stderr=True, highlight=False, soft_wrap=True).print(
-            f"[bold red]error:[/] {escape(str(write_failure(err, 'a file of the run')))}", markup=True)
+        _report(str(write_failure(err, "a file of the run")), debug)
         sys.exit(2)
     except KeyboardInterrupt:
         if debug:
-            raise
+            traceback.print_exc()
         Console(stderr=True).print("interrupted")
         sys.exit(130)

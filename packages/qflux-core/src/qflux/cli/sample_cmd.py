@@ -7,16 +7,18 @@ from pathlib import Path
 import typer
 
 from qflux.cli.config_cmd import SET_HELP
+from qflux.cli.options import config_argument, config_option, path_option, pick_config
 from qflux.config import load_config
 from qflux.errors import UserError
 
 
 def sample(
-    config: Path = typer.Option(..., "--config", help="YAML config of the model (its trainer and model section)."),
-    lora: Path | None = typer.Option(None, "--lora", help="LoRA file (pytorch_lora_weights.safetensors)."),
-    image: list[Path] = typer.Option([], "--image", help="Control image; repeat for multi-image models."),
+    file: Path | None = config_argument(),
+    config: Path | None = config_option("YAML config of the model (its trainer and model section; or FILE)."),
+    lora: Path | None = path_option("--lora", help="LoRA file (pytorch_lora_weights.safetensors)."),
+    image: list[Path] = path_option("--image", help="Control image; repeat for multi-image models.", default=[]),
     prompt: str = typer.Option(..., "--prompt", help="Edit instruction."),
-    out: Path = typer.Option(..., "--out", help="Where to write the PNG."),
+    out: Path = path_option("--out", help="Where to write the PNG.", default=...),
     steps: int = typer.Option(28, "--steps", min=1),
     seed: int = typer.Option(0, "--seed"),
     guidance: float = typer.Option(2.5, "--guidance", help="Distilled guidance (Kontext)."),
@@ -34,7 +36,7 @@ def sample(
     from qflux.plugins import build_registry
     from qflux.types import ModelBundle, SampleRequest
 
-    cfg = load_config(config, set_, trainer)
+    cfg = load_config(pick_config(file, config, "sample"), set_, trainer)
     registry = build_registry()
     info = registry.trainer(cfg.trainer)
     if cfg.model.quantize:

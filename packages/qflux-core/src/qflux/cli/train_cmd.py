@@ -1,4 +1,4 @@
-"""``qflux train --config FILE [--trainer NAME] [--set k=v ...] [--resume | --resume-from CKPT]``.
+"""``qflux train FILE|--config FILE [--trainer NAME] [--set k=v ...] [--resume | --resume-from CKPT]``.
 
 Before anything is written, ``qflux.config.preflight.check_run`` checks every mistake it can find without a
 model (config, plugins, model folder, output and cache folders, resume checkpoint, every data sample). The
@@ -14,16 +14,18 @@ import typer
 
 from qflux.cli.config_cmd import SET_HELP
 from qflux.cli.data_cmd import ALLOW_NO_CONTROLS_HELP, ALLOW_NO_CONTROLS_SET
+from qflux.cli.options import config_argument, config_option, path_option, pick_config
 from qflux.config import load_config
 from qflux.errors import UserError
 
 
 def train(
-    config: Path = typer.Option(..., "--config", help="YAML config file."),
+    file: Path | None = config_argument(),
+    config: Path | None = config_option(),
     trainer: str | None = typer.Option(None, "--trainer", help="Override the config's trainer."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest valid checkpoint in output.dir."),
-    resume_from: Path | None = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
+    resume_from: Path | None = path_option("--resume-from", help="Continue from this checkpoint folder."),
     cache: bool = typer.Option(False, "--cache", help="Fill the embedding cache first (encoders then freed)."),
     allow_no_controls: bool = typer.Option(False, "--allow-no-controls", help=ALLOW_NO_CONTROLS_HELP),
 ) -> None:
@@ -36,7 +38,7 @@ def train(
     if resume_from is not None and not resume_from.is_dir():
         raise UserError(f"--resume-from: checkpoint folder not found: {resume_from}")
     set_ = [*set_, ALLOW_NO_CONTROLS_SET] if allow_no_controls else set_
-    cfg = load_config(config, set_, trainer)
+    cfg = load_config(pick_config(file, config, "train"), set_, trainer)
     if cache and not cfg.cache.enabled:
         raise UserError("--cache needs cache.enabled: true (or drop --cache)")
     registry = build_registry()

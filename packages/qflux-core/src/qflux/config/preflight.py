@@ -5,13 +5,15 @@ in order of cost, and reported as one ``UserError`` (exit code 2) naming the key
 then leaves nothing behind (no ``output.dir``, no cache folder). What is checked (docs/errors.md):
 
 1. the trainer and the quantizer are installed; the optimizer and the LR scheduler exist and accept
-   ``train.optimizer_args``;
+   ``train.optimizer_args``; the ``data:`` settings agree (``data.resize`` and the form of ``data.resolution``);
 2. ``model.pretrained``: a local folder exists, holds every component its ``model_index.json`` lists, and its
    components are of the classes the trainer's pipeline needs (a folder of another model family);
+   ``model.lora.targets`` name modules of its transformer (built on the meta device: no weights read);
 3. ``output.dir`` and ``cache.dir`` can be created and written; ``output.dir`` holds no run unless resuming;
    the checkpoint to resume from is intact and was written with the same config (the keys that differ are
    named);
-4. the images of ``validation.samples`` exist and decode;
+4. the images of ``validation.samples`` exist and decode (1, 2 and 4 are ``check_config``: all of ``qflux
+   config check``, and the first part of ``qflux data check``);
 5. the dataset: everything ``qflux data check`` reports is fatal (``qflux.data.check.validate_dataset``).
 """
 
@@ -29,22 +31,42 @@ from qflux.errors import ConfigError, UserError
 from qflux.plugins import Registry
 
 
-def check_run(config: QfluxConfig, registry: Registry, resume: bool | Path = False) -> None:
-    """Everything ``qflux train`` can check before it writes anything (see the module docstring)."""
+def check_config(config: QfluxConfig, registry: Registry, need_plugins: bool = True) -> None:
+    """The checks of ``config`` that read no data: all of ``qflux config check``, the first part of ``qflux
+    train`` and ``qflux data check`` (one list, so no check approves what ``train`` refuses). With
+    ``need_plugins=False`` (``data check`` works without the trainer's package) a trainer or quantizer that is
+    not installed skips the checks that need it instead of failing."""
+    from qflux.config.lora_targets import check_lora_targets
     from qflux.training.optim import check_optimizer, check_scheduler
     from qflux.training.sharding import check_fsdp
 
-    trainer = registry.trainer(config.trainer)
-    if config.model.quantize:
+    installed = need_plugins or config.trainer in registry.trainers
+    trainer = registry.trainer(config.trainer) if installed else None
+    if config.model.quantize and (need_plugins or config.model.quantize in registry.quantizers):
         registry.quantizer(config.model.quantize)
     check_fsdp(config)
     check_optimizer(config.train)
     check_scheduler(config.train)
-    check_model_source(config, trainer.pipeline, trainer.name)
+    check_data_settings(config)
+    if trainer is not None:
+        check_model_source(config, trainer.pipeline, trainer.name)
+        check_lora_targets(config, trainer, registry)
+    check_validation_images(config)
+
+
+def check_data_settings(config: QfluxConfig) -> None:
+    """``data:`` settings that contradict each other (found by planning one size: the rule ``train`` uses)."""
+    from qflux.data.resize import plan_size
+
+    plan_size(64, 64, config.data)
+
+
+def check_run(config: QfluxConfig, registry: Registry, resume: bool | Path = False) -> None:
+    """Everything ``qflux train`` can check before it writes anything (see the module docstring)."""
+    check_config(config, registry)
     check_output(config, resume)
     if config.cache.enabled:
         check_writable(Path(config.cache.dir), "cache.dir")
-    check_validation_images(config)
     check_data(config, registry)
 
 
@@ -53,6 +75,7 @@ def check_cache_run(config: QfluxConfig, registry: Registry) -> None:
     trainer = registry.trainer(config.trainer)
     if not config.cache.enabled:
         raise ConfigError("cache.enabled is false: set it to true (--set cache.enabled=true) to build the cache")
+    check_data_settings(config)
     check_model_source(config, trainer.pipeline, trainer.name)
     check_writable(Path(config.cache.dir), "cache.dir")
     check_data(config, registry)

@@ -1,0 +1,135 @@
+"""``model.lora.targets`` checked before any data is encoded: against the transformer built on the meta device.
+
+The transformer's module names come from its class and config alone, so the check reads no weights and
+allocates no memory: the class and config of a folder (``model_index.json``, else the trainer's pipeline;
+``transformer/config.json``), or the trainer plugin's tiny builder (``<plugin package>.tiny.tiny_transformer``)
+for ``builtin:tiny``. Importing a diffusers pipeline costs seconds: only the model class is imported. A hub id is not contacted here (its config may be in
+the local hub cache or not): the loop checks the targets again once the model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from qflux.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from qflux.config.schema import QfluxConfig
+    from qflux.plugins import Registry
+    from qflux.types import TrainerInfo
+
+
+def missing_targets(targets: list[str], module_names: list[str]) -> list[str]:
+    """The targets no module matches; peft's rule: a target is a whole name or a dotted suffix of one."""
+    leaves = {name.rsplit(".", 1)[-1] for name in module_names}
+    return [t for t in targets if t not in leaves and not any(n == t or n.endswith("." + t) for n in module_names)]
+
+
+def linear_leaves(transformer: torch.nn.Module) -> list[str]:
+    """Short names of the Linear layers (``to_out.0``: a numbered child is named with its parent)."""
+    import torch
+
+    def leaf(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+    return sorted({leaf(n) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def targets_message(missing: list[str], transformer: torch.nn.Module) -> str:
+    import difflib
+
+    linear = linear_leaves(transformer)
+    close = [c for t in missing for c in difflib.get_close_matches(t, linear, n=1, cutoff=0.6)]
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    return (f"model.lora.targets: no module named {', '.join(repr(t) for t in missing)} in "
+            f"{type(transformer).__name__}; {hint}its linear layers are named "
+            f"{', '.join(linear[:24])}{' ...' if len(linear) > 24 else ''}")
+
+
+def check_lora_targets(config: QfluxConfig, trainer: TrainerInfo, registry: Registry) -> None:
+    """``ConfigError`` naming each target the transformer has no module for (with did-you-mean). Only targets
+    the config sets are checked here (a typo is the user's; importing diffusers costs seconds): the default
+    ones are checked when the model loads."""
+    if "targets" not in config.model.lora.model_fields_set:
+        return
+    transformer = meta_transformer(config, trainer, registry)
+    if transformer is None:
+        return
+    missing = missing_targets(list(config.model.lora.targets), [n for n, _ in transformer.named_modules()])
+    if missing:
+        raise ConfigError(targets_message(missing, transformer))
+
+
+def meta_transformer(config: QfluxConfig, trainer: TrainerInfo, registry: Registry) -> Any | None:
+    """The trainer's transformer on the meta device, or None when its class or config is not known offline."""
+    import torch
+
+    source = config.model.pretrained
+    try:
+        if source == "builtin:tiny":
+            build = _tiny_builder(trainer, registry)
+            if build is None:
+                return None
+            with torch.device("meta"):
+                return build()
+        if not Path(source).is_dir():
+            return None
+        cls, kwargs = _folder_transformer(Path(source), trainer)
+        if cls is None or kwargs is None:
+            return None
+        with torch.device("meta"):
+            return cls.from_config(kwargs)
+    except Exception:  # noqa: BLE001 - a model this check cannot build: the loader reports it with context
+        return None
+
+
+def _pipeline_transformer_class(pipeline: str) -> type | None:
+    module, _, name = pipeline.rpartition(".")
+    try:
+        types = getattr(importlib.import_module(module), name)._get_signature_types()
+    except Exception:  # noqa: BLE001 - a pipeline that cannot be inspected: no check
+        return None
+    return next((c for c in types.get("transformer", ()) if isinstance(c, type)), None)
+
+
+def _tiny_builder(trainer: TrainerInfo, registry: Registry) -> Callable[[], Any] | None:
+    """``tiny_transformer`` of the ``tiny`` module next to the plugin that registered ``trainer`` (called with
+    the trainer's name when it takes one: one plugin, several trainers)."""
+    import inspect
+
+    for record in registry.plugins:
+        if trainer.name not in record.trainers:
+            continue
+        plugin = registry.pm.get_plugin(record.name)
+        package = getattr(plugin, "__name__", "").rpartition(".")[0]
+        try:
+            build = getattr(importlib.import_module(f"{package}.tiny"), "tiny_transformer", None)
+        except ImportError:
+            return None
+        if not callable(build):
+            return None
+        return (lambda: build(trainer.name)) if inspect.signature(build).parameters else build
+    return None
+
+
+def _folder_transformer(folder: Path, trainer: TrainerInfo) -> tuple[type | None, dict[str, Any] | None]:
+    cls = None
+    try:
+        entry = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("transformer")
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers":
+            cls = getattr(importlib.import_module("diffusers"), str(entry[1]), None)
+    except (OSError, ValueError, AttributeError):
+        cls = None
+    cls = cls or _pipeline_transformer_class(trainer.pipeline)
+    try:
+        config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return cls, None
+    return cls, config if isinstance(config, dict) else None
