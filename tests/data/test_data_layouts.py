@@ -76,6 +76,10 @@ def test_musubi_numbered_controls_in_one_folder(tmp_path, write_image):
     assert records["b"].controls == (FileImage(tmp_path / "ctl" / "b_0.png"),)
     assert records["x_1"].controls == (FileImage(tmp_path / "ctl" / "x_1.png"),)
 
+    write_image(tmp_path / "ctl" / "a_1.jpg", (32, 32))  # two files for one number
+    with pytest.raises(DataError, match=r"duplicate control 1 for 'a': a_1\.jpg, a_1\.png"):
+        open_records(data(tmp_path / "img", control_path=str(tmp_path / "ctl")))
+    (tmp_path / "ctl" / "a_1.jpg").unlink()
     write_image(tmp_path / "ctl" / "b.png", (32, 32))  # plain and numbered: which one is meant?
     with pytest.raises(DataError, match=r"'b' has both a control named like the target and numbered ones in ctl/ "
                                         r"\(b\.png, b_0\.png\)"):

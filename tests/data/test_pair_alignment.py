@@ -75,7 +75,7 @@ def test_shifted_control_is_listed_with_stem_and_shift(tmp_path, dx, dy):
     assert abs(off.alignment.dx - dx) <= 0.5 and abs(off.alignment.dy - dy) <= 0.5  # a flipped sign fails
     warnings = misaligned(pairs)
     assert [w.file for w in warnings] == [str(root / "control_images" / "off.png")]
-    assert f"'off': the control is shifted by {abs(dx + dy):.1f} px" in warnings[0].reason
+    assert f"'off': the target is shifted by {abs(dx + dy):.1f} px" in warnings[0].reason
 
 
 def test_zoomed_control_is_listed(tmp_path):
@@ -97,3 +97,29 @@ def test_control_of_another_aspect_is_not_measured(tmp_path):
     root = tmp_path / "ds"
     write_pair(root, "square", texture(160, 120), texture(120, 120))
     assert measure(root) == []
+
+
+def test_data_check_cli_lists_misaligned_pairs_as_warnings(tmp_path):
+    """``qflux data check``: a warning with the stem and the measured shift, exit 0 (a warning, not an error);
+    a clean dataset says all pairs are aligned."""
+    from typer.testing import CliRunner
+
+    from qflux.cli.main import app
+    from qflux.testing import tiny_config, write_config
+
+    root = tmp_path / "ds"
+    write_pair(root, "fine", texture(160, 120), texture(160, 120))
+    write_pair(root, "moved", texture(160, 120, dx=-5, seed=7), texture(160, 120, seed=7))
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, data={"path": str(root), "holdout": 0}))
+    result = CliRunner().invoke(app, ["data", "check", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "2 same-aspect control/target pair(s) measured outside the mask: 1 shifted" in output
+    assert "warning:" in output and "'moved': the target is shifted by 5.0 px (dx -5.0, dy +0.0)" in output
+    assert "'fine'" not in output
+
+    (root / "control_images" / "moved.png").unlink()
+    (root / "training_images" / "moved.png").unlink()
+    (root / "training_images" / "moved.txt").unlink()
+    clean = CliRunner().invoke(app, ["data", "check", "--config", str(config)])
+    assert clean.exit_code == 0 and "all aligned" in clean.output and "warning" not in clean.output

@@ -11,14 +11,18 @@ another aspect keeps its own framing in training, so there is no pixel correspon
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qflux.data.images import open_mask, open_rgb
 from qflux.data.records import DataProblem, SampleRecord
 from qflux.errors import DataError
 from qflux.fidelity import Alignment, estimate_alignment, same_aspect
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qflux.data.check import DataReport
 
 SHIFT_TOLERANCE_PX = 1.0  # in target pixels: below this a shift is invisible at any training resolution
 ZOOM_TOLERANCE = 0.01  # 1%: 5 px at the border of a 1024-px image
@@ -40,8 +44,8 @@ class PairAlignment:
 
     def describe(self) -> str:
         a = self.alignment
-        return (f"'{self.key}': the control is shifted by {a.shift_px:.1f} px (dx {a.dx:+.1f}, dy {a.dy:+.1f}) and "
-                f"zoomed {a.zoom:.3f}x against its target outside the mask")
+        return (f"'{self.key}': the target is shifted by {a.shift_px:.1f} px (dx {a.dx:+.1f}, dy {a.dy:+.1f}) and "
+                f"zoomed {a.zoom:.3f}x against its control outside the mask")
 
 
 def measure_record(record: SampleRecord) -> list[PairAlignment]:
@@ -90,3 +94,16 @@ def misaligned(pairs: Iterable[PairAlignment], shift_tolerance: float = SHIFT_TO
                                   "control with its target, or ignore this if the edit moves the camera")
         for pair in pairs if pair.beyond(shift_tolerance, zoom_tolerance)
     ]
+
+
+def add_to_report(report: DataReport, records: Sequence[SampleRecord], workers: int = 0) -> None:
+    """``qflux data check``: a warning per pair beyond the tolerances and one line saying what was measured."""
+    from qflux.data.check import ReportLine
+
+    pairs = measure_dataset(records, workers)
+    warnings = misaligned(pairs)
+    report.warnings.extend(warnings)
+    text = (f"{len(pairs)} same-aspect control/target pair(s) measured outside the mask: "
+            + (f"{len(warnings)} shifted by more than {SHIFT_TOLERANCE_PX:g} px or zoomed by more than "
+               f"{ZOOM_TOLERANCE:.0%} (warnings below)" if warnings else "all aligned"))
+    report.notes.append(ReportLine("alignment", text if pairs else "no control with its target's aspect to measure"))

@@ -81,13 +81,25 @@ def _entries(folder: Path) -> tuple[list[Path], list[Path]]:
     return [p for p in visible if p.is_file()], [p for p in visible if p.is_dir()]
 
 
+def _siblings(folder: Path) -> list[Path]:
+    """The other visible folders next to ``folder`` (none when its parent cannot be listed)."""
+    try:
+        return [f for f in _entries(folder.parent)[1] if f.resolve() != folder.resolve()]
+    except OSError:
+        return []
+
+
 def _unsupported(path: Path) -> DataProblem:
     return DataProblem(str(path), f"unsupported image type '{path.suffix}': convert it to PNG, JPEG or WebP")
 
 
 def _count_images(folder: Path, recursive: bool) -> tuple[int, set[str]]:
-    """``(number of image files, their stems)`` in ``folder``."""
-    files = folder.rglob("*") if recursive else folder.iterdir()
+    """``(number of image files, their stems)`` in ``folder``; a folder that cannot be listed counts as empty
+    (it is only looked at to report it, never read)."""
+    try:
+        files = list(folder.rglob("*") if recursive else folder.iterdir())
+    except OSError:
+        return 0, set()
     stems = [p.stem for p in files if p.is_file() and not p.name.startswith(".") and is_image_file(p.name)]
     return len(stems), set(stems)
 
@@ -107,7 +119,10 @@ def _matching(stems: set[str], targets: set[str]) -> int:
 def _skip_subfolders(subfolders: Iterable[Path], scan: SourceScan, inside: str) -> None:
     for sub in subfolders:
         images, _ = _count_images(sub, recursive=True)
-        files = sum(1 for p in sub.rglob("*") if p.is_file() and not p.name.startswith("."))
+        try:
+            files = sum(1 for p in sub.rglob("*") if p.is_file() and not p.name.startswith("."))
+        except OSError:  # cannot be listed: still not read, and said so
+            files = 1
         if files:
             scan.skipped.append(DataProblem(
                 str(sub), f"subfolder not read ({images} image(s), {files} file(s)): only the files directly in "
@@ -244,7 +259,7 @@ def scan_separate(targets: Path, controls: Sequence[Path], mask_dir: Path | None
 
     for slot, folder in enumerate(controls):
         files, subfolders = _entries(folder)
-        numbered: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+        numbered: dict[str, dict[int, list[Path]]] = defaultdict(lambda: defaultdict(list))
         for path in files:
             if not is_image_file(path.name):
                 _non_image(path, slots, scan, folder.name, targets.name)
@@ -252,25 +267,26 @@ def scan_separate(targets: Path, controls: Sequence[Path], mask_dir: Path | None
             stem = path.stem
             match = _NUMBERED_RE.match(stem)
             if not several and stem not in target_stems and match and match["stem"] in target_stems:
-                numbered[match["stem"]].append((int(match["index"]), path))
+                numbered[match["stem"]][int(match["index"])].append(path)
             else:
                 slots[stem].controls[slot].append(path)
-        for stem, items in numbered.items():
+        for stem, by_number in numbered.items():
             if slots[stem].controls.get(0):
-                both = ", ".join(p.name for p in [*slots[stem].controls[0], *(p for _, p in sorted(items))])
+                both = ", ".join(p.name for p in [*slots[stem].controls[0],
+                                                  *(p for i in sorted(by_number) for p in sorted(by_number[i]))])
                 scan.errors.append(DataProblem(
                     str(slots[stem].controls[0][0]),
                     f"'{stem}' has both a control named like the target and numbered ones in {folder.name}/ "
                     f"({both}); name one control {stem}.png, several {stem}_0.png, {stem}_1.png ..."))
                 continue
-            for position, (_, path) in enumerate(sorted(items)):  # used in the order of their numbers
-                slots[stem].controls[position].append(path)
+            for position, number in enumerate(sorted(by_number)):  # used in the order of their numbers
+                slots[stem].controls[position].extend(by_number[number])  # two files, one number: duplicates
         _skip_subfolders(subfolders, scan, folder.name)
     if mask_dir is not None:
         _read_masks(mask_dir, slots, scan, names)
 
     own = {targets.resolve(), *(c.resolve() for c in controls), *([mask_dir.resolve()] if mask_dir else [])}
-    siblings = [f for f in _entries(targets.parent)[1] if f.resolve() not in own]
+    siblings = [f for f in _siblings(targets) if f.resolve() not in own]
     inside = _entries(targets)[1]
     scan.unread = [u for u in _unread([*inside, *siblings], target_stems) if u.matching or u.path in inside]
     for folder in scan.unread:
@@ -370,5 +386,4 @@ def guess_control_folders(targets: Path) -> list[Path]:
     stems = {p.stem for p in files if is_image_file(p.name)}
     if not stems:
         return []
-    siblings = [f for f in _entries(targets.parent)[1] if f.resolve() != targets.resolve()]
-    return [u.path for u in _unread([*inside, *siblings], stems) if u.matching]
+    return [u.path for u in _unread([*inside, *_siblings(targets)], stems) if u.matching]

@@ -72,3 +72,41 @@ def plot_loss(metrics_path: Path, out: Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+# (key, panel title, what a good LoRA shows) for ``plot_fidelity``
+FIDELITY_PANELS = (
+    ("val_shift_px", "shift vs control (px)", 0.0),
+    ("val_zoom", "zoom vs control", 1.0),
+    ("val_unedited_psnr", "unedited-region PSNR (dB)", None),
+    ("val_edit_change", "change inside the edit (0..1)", None),
+)
+
+
+def plot_fidelity(metrics_path: Path, out: Path) -> Path | None:
+    """The validation samples' edit-fidelity means (``qflux.training.val_fidelity``) against the step, one
+    panel each, with the ideal value as a dashed line; None (no file) when no validation measured any."""
+    rows = read_metrics(metrics_path)
+    series = {key: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+              for key, _, _ in FIDELITY_PANELS}
+    if not any(series.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(8, 5), dpi=100, sharex=True)
+    for ax, (key, title, ideal) in zip(axes.flat, FIDELITY_PANELS):
+        if series[key]:
+            ax.plot(*zip(*series[key]), marker="o")
+        if ideal is not None:
+            ax.axhline(ideal, linestyle="--", color="grey", linewidth=1)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
