@@ -157,12 +157,14 @@ def test_every_hookspec_is_implemented_and_exercised(toy_plugin) -> None:
     noise = torch.randn_like(batch.latents)
     sigmas = torch.full((1,), 0.5)
     noisy = NoisyInput(latents=0.5 * batch.latents + 0.5 * noise, sigmas=sigmas, target=noise - batch.latents)
+    scheduler_config = hook.qflux_scheduler_config(trainer=trainer, model=model)
     prediction = hook.qflux_predict(trainer=trainer, transformer=transformer, batch=batch, noisy=noisy, model=model)
     loss = hook.qflux_loss(prediction=prediction, noisy=noisy, batch=batch, loss=LossConfig())
     bundle = ModelBundle(trainer=trainer, model=model, transformer=transformer, encoders=encoders)
     image = hook.qflux_sample(bundle=bundle, request=SampleRequest(prompt="x", height=32, width=48))
 
     assert loss.ndim == 0 and torch.isfinite(loss)
+    assert scheduler_config["max_shift"] == 2.25
     assert image.size == (48, 32)
     stage_hooks = set(HOOKSPECS) - REGISTRATION_HOOKS
     assert set(answered) == stage_hooks, f"hooks never exercised: {sorted(stage_hooks - set(answered))}"

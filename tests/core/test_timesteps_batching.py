@@ -5,15 +5,15 @@ import torch
 
 from qflux.config.schema import TrainConfig
 from qflux.training.batching import BucketBatchSampler, collate, rank_batches, stack_prompts
-from qflux.training.timesteps import add_noise, resolution_shift, sample_sigmas
+from qflux.training.timesteps import ShiftConstants, add_noise, resolution_shift, sample_sigmas
 from qflux.types import EncodedSample, PromptEmbeds
 
 
-@pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "sigmoid", "shift", "flux_shift"])
+@pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "sigmoid", "shift", "resolution_shift"])
 def test_sigmas_in_open_unit_interval_and_seeded(scheme):
     cfg = TrainConfig(timestep_sampling=scheme)
-    a = sample_sigmas(4096, 1024, cfg, torch.Generator().manual_seed(1))
-    b = sample_sigmas(4096, 1024, cfg, torch.Generator().manual_seed(1))
+    a = sample_sigmas(4096, 1024, cfg, torch.Generator().manual_seed(1), ShiftConstants())
+    b = sample_sigmas(4096, 1024, cfg, torch.Generator().manual_seed(1), ShiftConstants())
     assert torch.equal(a, b)
     assert a.min() > 0 and a.max() < 1
 
@@ -24,10 +24,21 @@ def test_shift_moves_mass_to_high_noise():
     shifted = sample_sigmas(20000, 256, TrainConfig(timestep_sampling="shift", shift=3.0), gen())
     assert shifted.mean() > uniform.mean() + 0.1
     # resolution-dependent shift grows with the token count
-    assert resolution_shift(4096) > resolution_shift(256)
-    small = sample_sigmas(20000, 256, TrainConfig(timestep_sampling="flux_shift"), gen())
-    large = sample_sigmas(20000, 4096, TrainConfig(timestep_sampling="flux_shift"), gen())
+    flux = ShiftConstants()
+    assert resolution_shift(4096, flux) > resolution_shift(256, flux)
+    small = sample_sigmas(20000, 256, TrainConfig(timestep_sampling="resolution_shift"), gen(), flux)
+    large = sample_sigmas(20000, 4096, TrainConfig(timestep_sampling="resolution_shift"), gen(), flux)
     assert large.mean() > small.mean()
+
+
+def test_resolution_shift_without_the_models_constants_is_refused():
+    """No silent FLUX default: a caller that forgets the model's constants fails loudly."""
+    with pytest.raises(ValueError, match="ShiftConstants"):
+        sample_sigmas(4, 256, TrainConfig(timestep_sampling="resolution_shift"), torch.Generator().manual_seed(0))
+
+
+def test_flux_shift_is_an_alias_of_resolution_shift():
+    assert TrainConfig(timestep_sampling="flux_shift").timestep_sampling == "resolution_shift"
 
 
 def test_add_noise_interpolates_and_targets_velocity():

@@ -12,6 +12,7 @@ Order of calls in one ``qflux train`` run::
     qflux_load_encoders                                   (skipped when the embedding cache is complete)
     qflux_encode                                          (per chunk of missing samples; results are cached)
     qflux_load_transformer -> qflux_quantize -> (LoRA attached by the core; encoders already off the device)
+    qflux_scheduler_config                                (once, with train.timestep_sampling: resolution_shift)
     per step: qflux_predict -> qflux_loss
     per validation: qflux_sample
 """
@@ -128,6 +129,24 @@ def qflux_encode(
 
     Returns:
         One ``EncodedSample`` per input, in order, tensors on CPU. Called for samples not in the cache.
+    """
+
+
+@hookspec(firstresult=True)
+def qflux_scheduler_config(trainer: TrainerInfo, model: ModelConfig) -> dict[str, Any] | None:
+    """The model's noise-scheduler config: what ``scheduler/scheduler_config.json`` of its diffusers folder says.
+
+    Args:
+        trainer: the selected trainer; return None when it is not yours.
+        model: the ``model`` config section (``builtin:tiny``: the config the tiny pipeline is built with; a hub
+            id: read with ``model.revision``).
+
+    Returns:
+        The config as a dict of ``FlowMatchEulerDiscreteScheduler`` keys; the core reads ``base_shift``,
+        ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len`` and ``time_shift_type`` (missing keys take
+        diffusers' defaults). Raise ``qflux.errors.UserError`` when it cannot be read.
+    Called once per run before the first step, only with ``train.timestep_sampling: resolution_shift``.
+    Without an answer the core reads a folder's ``scheduler/scheduler_config.json``, else diffusers' defaults.
     """
 
 

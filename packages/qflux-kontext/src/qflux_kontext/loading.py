@@ -139,6 +139,17 @@ def load_transformer(model: ModelConfig) -> torch.nn.Module:
     return _frozen(transformer)
 
 
+def load_scheduler_config(model: ModelConfig) -> dict[str, Any]:
+    """The scheduler config (``scheduler/scheduler_config.json``; ``builtin:tiny``: the real model's values)."""
+    if is_tiny(model):
+        from qflux_kontext.tiny import SCHEDULER_CONFIG
+
+        return dict(SCHEDULER_CONFIG)
+    source = resolve_source(model)
+    check_components(source, ("scheduler",), model.revision)
+    return _read_config(source, "scheduler", "scheduler_config.json", model.revision)
+
+
 def load_encoders(model: ModelConfig) -> KontextEncoders:
     """VAE, CLIP and T5 (frozen, eval, ``model.dtype``), their tokenizers and the scheduler config."""
     from qflux_kontext.encoders import KontextEncoders

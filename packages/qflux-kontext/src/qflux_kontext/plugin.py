@@ -71,6 +71,15 @@ def qflux_encode(
 
 
 @hookimpl
+def qflux_scheduler_config(trainer: TrainerInfo, model: ModelConfig) -> dict[str, Any] | None:
+    if not _mine(trainer):
+        return None
+    from qflux_kontext.loading import load_scheduler_config
+
+    return load_scheduler_config(model)
+
+
+@hookimpl
 def qflux_predict(
     trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput, model: ModelConfig
 ) -> torch.Tensor | None:

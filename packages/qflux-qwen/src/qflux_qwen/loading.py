@@ -182,6 +182,18 @@ def load_transformer(variant: QwenVariant, model: ModelConfig) -> torch.nn.Modul
     return _frozen(transformer, dtype)
 
 
+def load_scheduler_config(variant: QwenVariant, model: ModelConfig) -> dict[str, Any]:
+    """The scheduler config (``scheduler/scheduler_config.json``; ``builtin:tiny``: the real models' values)."""
+    if is_tiny(model):
+        from qflux_qwen.tiny import SCHEDULER_CONFIG
+
+        return dict(SCHEDULER_CONFIG)
+    source = resolve_source(model)
+    check_components(source, ("scheduler",), variant, model.revision)
+    names = CONFIG_CHECKS["scheduler"][0]
+    return _read_json(source, _config_file(source, "scheduler", names, model.revision))
+
+
 def load_encoders(variant: QwenVariant, model: ModelConfig) -> QwenEncoders:
     """VAE and Qwen2.5-VL (frozen, eval, ``model.dtype``), tokenizer, processor and the scheduler config."""
     from qflux_qwen.encoders import QwenEncoders

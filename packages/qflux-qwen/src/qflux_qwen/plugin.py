@@ -61,6 +61,16 @@ def qflux_encode(
 
 
 @hookimpl
+def qflux_scheduler_config(trainer: TrainerInfo, model: ModelConfig) -> dict[str, Any] | None:
+    variant = variant_of(trainer)
+    if variant is None:
+        return None
+    from qflux_qwen.loading import load_scheduler_config
+
+    return load_scheduler_config(variant, model)
+
+
+@hookimpl
 def qflux_predict(
     trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput, model: ModelConfig
 ) -> torch.Tensor | None:

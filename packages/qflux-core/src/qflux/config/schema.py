@@ -94,10 +94,10 @@ class TrainConfig(Section):
     weight_decay: float = Field(1.0e-4, ge=0)
     scheduler: str = "constant"  # diffusers.optimization.get_scheduler names
     warmup_steps: int = Field(0, ge=0)
-    timestep_sampling: Literal["uniform", "logit_normal", "sigmoid", "shift", "flux_shift"] = "logit_normal"
-    logit_mean: float = 0.0
+    timestep_sampling: Literal["uniform", "logit_normal", "sigmoid", "shift", "resolution_shift"] = "logit_normal"
+    logit_mean: float = 0.0  # sigma = sigmoid(mean + std n): positive = more noise (diffusers' scripts: the opposite)
     logit_std: float = Field(1.0, gt=0)
-    shift: float = Field(3.0, gt=0)  # for "shift"; "flux_shift" derives it from the token count
+    shift: float = Field(3.0, gt=0)  # for "shift"; "resolution_shift" derives it from the token count
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     save_every: int = Field(250, ge=0)  # 0 = only the final export
@@ -105,6 +105,12 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     log_every: int = Field(1, ge=1)
     fsdp: bool = False  # with several processes: shard the frozen base (torch FSDP2), keep the LoRA replicated
+
+    @field_validator("timestep_sampling", mode="before")
+    @classmethod
+    def _flux_shift_alias(cls, v: object) -> object:
+        # the old name: it was FLUX's constants for every model; now each model's scheduler config gives them
+        return "resolution_shift" if v == "flux_shift" else v
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

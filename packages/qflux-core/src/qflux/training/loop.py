@@ -41,6 +41,7 @@ from qflux.training.metrics import MetricsLog, plot_loss
 from qflux.training.optim import build_lr_scheduler, build_optimizer
 from qflux.training.progress import TrainProgress
 from qflux.training.sharding import all_reduce_mean, check_fsdp, shard_frozen_base
+from qflux.training.shift_source import model_shift
 from qflux.training.step import make_batch, micro_step, validation_loss_sum
 from qflux.types import ModelBundle
 
@@ -124,6 +125,13 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     console = console or Console(stderr=True, quiet=not is_main, soft_wrap=True, highlight=False)
     output_dir = Path(config.output.dir)
     fingerprint = config_fingerprint(config)
+    # The model's own shift constants: read once (not per step), before anything slow, and only when the
+    # scheme uses them (a hub model's scheduler config is a download).
+    shift = None
+    if config.train.timestep_sampling == "resolution_shift":
+        found = model_shift(hook, trainer, config.model)
+        shift = found.constants
+        console.print(found.describe())
 
     # ---- where to start
     resume_path: Path | None = None
@@ -317,7 +325,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
                     batch_in_epoch += 1
                     batch, generators = make_batch([train_set[i] for i in mine.indices], config, epoch, device, dtype)
                     value = micro_step(accelerator, hook, trainer, transformer, batch, config, generators, params,
-                                       optimizer, grad_sync, mine.loss_scale)
+                                       optimizer, grad_sync, mine.loss_scale, shift)
                     if not math.isfinite(value):
                         kept = ckpt.latest_valid(output_dir, console.print)
                         raise TrainingStopped(

@@ -12,7 +12,7 @@ import torch
 
 from qflux.config.schema import QfluxConfig
 from qflux.training.batching import collate
-from qflux.training.timesteps import add_noise, sample_sigmas
+from qflux.training.timesteps import ShiftConstants, add_noise, sample_sigmas
 from qflux.types import Batch, EncodedSample, NoisyInput, TrainerInfo
 
 VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -63,12 +63,14 @@ def make_batch(samples: list[EncodedSample], config: QfluxConfig, epoch: int, de
 
 
 def training_loss(hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch,
-                  config: QfluxConfig, generators: list[torch.Generator]) -> torch.Tensor:
+                  config: QfluxConfig, generators: list[torch.Generator],
+                  shift: ShiftConstants | None = None) -> torch.Tensor:
     """Loss of one micro-batch (already on the device); ``generators[i]`` (CPU) draws sample i's sigma and
-    noise, so a run is reproducible whatever the device."""
+    noise, so a run is reproducible whatever the device. ``shift``: the model's constants for
+    ``timestep_sampling: resolution_shift`` (read once per run, ``shift_source.model_shift``)."""
     latents = batch.latents
     num_tokens = latents.shape[1]
-    sigmas = torch.cat([sample_sigmas(1, num_tokens, config.train, g) for g in generators]).to(latents.device)
+    sigmas = torch.cat([sample_sigmas(1, num_tokens, config.train, g, shift) for g in generators]).to(latents.device)
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g, dtype=torch.float32) for g in generators])
     noisy = add_noise(latents, sigmas, noise.to(latents.device, latents.dtype))
     return loss_of(hook, predict(hook, trainer, transformer, batch, noisy, config), noisy, batch, config)
@@ -97,7 +99,7 @@ def micro_step(accelerator: Any, hook: Any, trainer: TrainerInfo, transformer: t
                config: QfluxConfig, generators: list[torch.Generator], params: list[torch.nn.Parameter],
                optimizer: torch.optim.Optimizer,
                grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
-               loss_scale: float = 1.0) -> float:
+               loss_scale: float = 1.0, shift: ShiftConstants | None = None) -> float:
     """One micro-batch of the training loop: loss, backward, and (when the accumulation is complete)
     clipping and the optimizer step. Returns the loss; a non-finite loss is returned before any backward
     or step, so the caller can stop with the weights untouched. ``grad_sync`` averages the gradients across
@@ -105,7 +107,7 @@ def micro_step(accelerator: Any, hook: Any, trainer: TrainerInfo, transformer: t
     ``loss_scale`` weighs this process's share of a short global batch (``batching.rank_batches``); the
     returned loss is the unscaled mean of the micro-batch."""
     with accelerator.accumulate(transformer), accelerator.autocast():
-        loss = training_loss(hook, trainer, transformer, batch, config, generators)
+        loss = training_loss(hook, trainer, transformer, batch, config, generators, shift)
         value = float(loss.detach())
         if accelerator.num_processes > 1:  # every rank must agree before the backward's all-reduce
             bad = accelerator.reduce(torch.tensor([0.0 if math.isfinite(value) else 1.0], device=loss.device),
