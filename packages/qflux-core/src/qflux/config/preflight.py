@@ -52,6 +52,9 @@ def check_config(config: QfluxConfig, registry: Registry, need_plugins: bool = T
         check_model_source(config, trainer.pipeline, trainer.name)
         check_lora_targets(config, trainer, registry)
     check_validation_images(config)
+    from qflux.training.best import check_select_best
+
+    check_select_best(config)
 
 
 def check_data_settings(config: QfluxConfig) -> None:

@@ -142,6 +142,8 @@ class ValidationConfig(Section):
     true_cfg: float = 1.0
     samples: list[ValidationSample] = Field(default_factory=list)
     from_holdout: int = Field(0, ge=0)  # also sample this many held-out data samples
+    # export the LoRA of the validation step best on this metric to output.dir/best (qflux.training.best)
+    select_best: Literal["val_loss", "val_shift_px", "val_zoom", "val_unedited_psnr"] | None = None
 
 
 class OutputConfig(Section):

@@ -310,8 +310,14 @@ def inspect_dataset(data: DataConfig, base_dir: Path | None = None, max_controls
                     needs_controls: bool = False) -> DataReport:
     """Scan and decode the whole dataset; ``DataError`` only when it cannot be opened at all (missing path,
     unknown scheme, unreadable manifest) or holds nothing. ``max_controls`` / ``needs_controls``: the trainer's
-    (``TrainerInfo``)."""
-    return _inspect(data, base_dir, max_controls, needs_controls=needs_controls)[1]
+    (``TrainerInfo``). Also measures each same-aspect control against its target (``qflux.data.alignment``):
+    pairs shifted or zoomed beyond a tolerance are warnings."""
+    from qflux.data.alignment import add_to_report
+
+    scan, report = _inspect(data, base_dir, max_controls, needs_controls=needs_controls)
+    add_to_report(report, scan.records, data.workers)
+    return report
+
 
 
 def validate_dataset(data: DataConfig, base_dir: Path | None = None, max_controls: int | None = None,

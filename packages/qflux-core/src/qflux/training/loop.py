@@ -37,7 +37,8 @@ from qflux.training.encoding import (
 )
 from qflux.training.lora import (attach_lora, checkpoint_lora_metadata, export_lora, load_lora_state,
                                  lora_state_dict)
-from qflux.training.metrics import MetricsLog, plot_loss
+from qflux.training.best import BestSelector
+from qflux.training.metrics import MetricsLog, plot_fidelity, plot_loss
 from qflux.training.optim import build_lr_scheduler, build_optimizer
 from qflux.training.progress import TrainProgress
 from qflux.training.sharding import all_reduce_mean, check_fsdp, shard_frozen_base
@@ -261,16 +262,18 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
             total, count = float(summed[0]), int(summed[1])
         return total / count
 
-    def sample_validation(at_step: int) -> None:
+    def sample_validation(at_step: int) -> dict[str, float]:
         """Each rank renders its share of the cases on the unwrapped model (no collective inside), then one
-        gather brings them to the main process: no rank can wait on another mid-sampling.
+        gather brings them to the main process: no rank can wait on another mid-sampling. The main process
+        measures their edit fidelity (``val_fidelity``) and returns the means (other ranks: an empty dict).
 
         With a sharded base every forward is a collective and cases may differ in forward count (sizes,
         true CFG), so every rank renders every case in the same order and the main process keeps them."""
         if not sampling_on:
-            return
+            return {}
         from accelerate.utils import gather_object
 
+        from qflux.training.val_fidelity import describe, measure_case, summarize
         from qflux.training.validation import grid, render, save_grid
 
         transformer.eval()
@@ -286,10 +289,36 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
             rendered = gather_object(rendered)
         if is_main:
             images = [image for _, image in sorted(rendered, key=lambda pair: pair[0])]
-            image = grid(validation_cases, images)
+            fidelity = [measure_case(c.request.controls, c.target, c.mask, im)
+                        for c, im in zip(validation_cases, images)]
+            means = summarize(fidelity)
+            if means:
+                metrics.log(at_step, **means, val_fidelity=[f.as_row() for f in fidelity])
+            image = grid(validation_cases, images, step=at_step, notes=[describe(f) for f in fidelity])
             path = save_grid(output_dir, at_step, image)
             metrics.image("validation", image, at_step)
             console.print(f"step {at_step}: validation samples -> {path}")
+            return means
+        return {}
+
+    best = BestSelector(config.validation.select_best, output_dir) if is_main and config.validation.select_best \
+        else None
+
+    def offer_best(at_step: int, values: dict[str, float | None]) -> None:
+        """Export this step's LoRA to output.dir/best when it is the best so far on validation.select_best."""
+        if best is None:
+            return
+
+        def export_best(directory: Path) -> Path:  # the same file as the final export, of this step
+            from qflux.data.trained_sizes import sizes_metadata
+
+            return export_lora(accelerator.unwrap_model(transformer), trainer, config.model.lora, directory,
+                               extra_metadata=sizes_metadata(config.data))
+
+        found = best.offer(at_step, values, export_best)
+        if found is not None:
+            console.print(f"step {at_step}: best {found.metric} so far ({found.value:.5g}) -> {best.directory}")
+
 
     def save(position: ckpt.TrainingPosition) -> Path | None:
         path = None
@@ -351,7 +380,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
                         val = evaluate()
                         if metrics and val is not None:
                             metrics.log(step, val_loss=val)
-                        sample_validation(step)
+                        offer_best(step, {"val_loss": val, **sample_validation(step)})
                     if config.train.save_every and step % config.train.save_every == 0 and step < max_steps:
                         save(boundary)
                     if interrupt.agreed(accelerator):  # Ctrl-C takes effect here, between optimizer steps
@@ -373,19 +402,23 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
 
     result.steps = step
     result.lora = lora_state_dict(accelerator.unwrap_model(transformer))
+    fidelity_end: dict[str, float] = {}
     result.val_loss_end = evaluate()
     if result.val_loss_end is not None:
         console.print(f"held-out validation loss at step {step}: {result.val_loss_end:.5f}")
     if config.validation.every:
-        sample_validation(step)
+        fidelity_end = sample_validation(step)
     if config.train.save_every:
         save(boundary)
     if is_main:
         if result.val_loss_end is not None:
             metrics.log(step, val_loss=result.val_loss_end)
+        if config.validation.every and step > start_step:
+            offer_best(step, {"val_loss": result.val_loss_end, **fidelity_end})
         result.lora_path = export_lora(accelerator.unwrap_model(transformer), trainer, config.model.lora, output_dir)
         metrics.close()
         plot_loss(metrics.path, output_dir / "loss.png")
+        plot_fidelity(metrics.path, output_dir / "fidelity.png")
         console.print(f"LoRA written to {result.lora_path}")
     accelerator.wait_for_everyone()
     return result

@@ -16,6 +16,7 @@ from qflux.types import EditSample, ModelBundle, SampleRequest
 class ValidationCase:
     request: SampleRequest
     target: Image.Image | None  # shown beside the sample when known
+    mask: Image.Image | None = None  # white = edited (held-out samples with a mask): the fidelity metrics use it
 
 
 def cases_from_config(config: QfluxConfig, holdout: list[EditSample]) -> list[ValidationCase]:
@@ -45,6 +46,7 @@ def cases_from_config(config: QfluxConfig, holdout: list[EditSample]) -> list[Va
             SampleRequest(prompt=sample.prompt, controls=sample.controls, height=height, width=width, steps=v.steps,
                           seed=v.seed + len(v.samples) + j, guidance=v.guidance, true_cfg=v.true_cfg),
             sample.target,
+            sample.mask,
         ))
     return cases
 
@@ -67,24 +69,54 @@ def render(hook: Any, bundle: ModelBundle, cases: list[ValidationCase]) -> list[
     return images
 
 
-def grid(cases: list[ValidationCase], images: list[Image.Image], cell: int = 256) -> Image.Image:
-    """One row per case: controls | sample | target, each scaled to ``cell`` pixels high."""
+GAP = 4  # pixels between tiles and rows
+LABEL_HEIGHT = 16  # the text bands above (column names) and below (step, prompt, notes) each row's tiles
+FONT_SIZE = 12
+
+
+def grid(cases: list[ValidationCase], images: list[Image.Image], cell: int = 256, step: int | None = None,
+         notes: list[str] | None = None) -> Image.Image:
+    """One row per case: controls | sample | target, each scaled to ``cell`` pixels high, with a band above
+    naming the columns (reference / sample / target) and one below giving the step, the prompt and the row's
+    ``notes`` (e.g. its fidelity figures). PIL's default font: nothing to download. The tiles themselves are
+    never drawn on."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=FONT_SIZE)
     rows = []
-    for case, image in zip(cases, images):
-        tiles = [*case.request.controls, image] + ([case.target] if case.target is not None else [])
+    for i, (case, image) in enumerate(zip(cases, images)):
+        controls = case.request.controls
+        names = ["reference" if len(controls) == 1 else f"reference {k + 1}" for k in range(len(controls))]
+        tiles = [*controls, image] + ([case.target] if case.target is not None else [])
+        names += ["sample"] + (["target"] if case.target is not None else [])
         tiles = [t.convert("RGB").resize((max(1, round(t.width * cell / t.height)), cell)) for t in tiles]
-        row = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), cell), "white")
+        width = sum(t.width for t in tiles) + GAP * (len(tiles) - 1)
+        row = Image.new("RGB", (width, cell + 2 * LABEL_HEIGHT), "white")
+        draw = ImageDraw.Draw(row)
         x = 0
-        for t in tiles:
-            row.paste(t, (x, 0))
-            x += t.width + 4
+        for t, name in zip(tiles, names):
+            row.paste(t, (x, LABEL_HEIGHT))
+            draw.text((x + 2, 1), _fit(draw, name, t.width - 4, font), fill="black", font=font)
+            x += t.width + GAP
+        caption = " | ".join(p for p in (f"step {step}" if step is not None else "", case.request.prompt,
+                                         (notes[i] if notes and i < len(notes) else "")) if p)
+        draw.text((2, LABEL_HEIGHT + cell + 1), _fit(draw, caption, width - 4, font), fill="black", font=font)
         rows.append(row)
-    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + 4 * (len(rows) - 1)), "white")
+    out = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + GAP * (len(rows) - 1)), "white")
     y = 0
     for r in rows:
         out.paste(r, (0, y))
-        y += r.height + 4
+        y += r.height + GAP
     return out
+
+
+def _fit(draw: Any, text: str, width: float, font: Any) -> str:
+    """``text`` cut (with "...") to fit ``width`` pixels: a long prompt must not run over the next tile."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..." if text else ""
 
 
 def save_grid(output_dir: Path, step: int, image: Image.Image) -> Path:
