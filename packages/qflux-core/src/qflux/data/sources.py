@@ -107,6 +107,9 @@ def scan_dataset(data: DataConfig, base_dir: Path | None = None) -> SourceScan:
     if not path.exists():
         raise DataError(f"data.path {spec}: not found (looked at {path}); set data.path to {FORMS}")
     if path.is_dir():
+        if not is_folder_dataset(path) and is_saved_dataset(path):
+            _not_a_folder_source(data, spec)
+            return _with_hint(scan_hf(str(path), data, base), _HF_HINT)
         if data.control_path is not None:
             controls, masks = _extra_folders(data, base)
             if is_folder_dataset(path):
@@ -118,9 +121,6 @@ def scan_dataset(data: DataConfig, base_dir: Path | None = None) -> SourceScan:
             return scan_separate(path, controls, masks)
         if is_folder_dataset(path):
             return scan_folder(path, _extra_folders(data, base)[1])
-        if is_saved_dataset(path):
-            _not_a_folder_source(data, spec)
-            return _with_hint(scan_hf(str(path), data, base), _HF_HINT)
         guess = guess_control_folders(path)
         raise DataError(
             f"data.path {spec}: the folder has no {TARGET_DIR}/ subfolder; expected {TARGET_DIR}/<stem>.png + "
@@ -139,6 +139,7 @@ def scan_dataset(data: DataConfig, base_dir: Path | None = None) -> SourceScan:
 
 
 def empty_folder_hint(data: DataConfig) -> str:
+    """How to add a sample to an empty folder dataset (either layout)."""
     if data.control_path is not None:
         return f"add <stem>.png with <stem>.txt to {data.path}, and the controls <stem>.png to data.control_path"
     return f"add {TARGET_DIR}/<stem>.png with {TARGET_DIR}/<stem>.txt"
