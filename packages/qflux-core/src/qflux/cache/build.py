@@ -37,18 +37,21 @@ def open_cache(config: QfluxConfig, registry: Registry, console: Console) -> tup
 def build_cache(config: QfluxConfig, registry: Registry, console: Console | None = None) -> CacheBuildReport:
     """Encode every sample of ``config.data`` that is not cached yet (held-out samples included)."""
     from qflux.data import open_records
-    from qflux.training.encoding import LazyEncoders, encode_records
+    from qflux.training.encoding import LazyEncoders, encode_records, training_device
 
     console = console or Console(stderr=True, soft_wrap=True, highlight=False)
     trainer = registry.trainer(config.trainer)
     cache, context = open_cache(config, registry, console)
     records = open_records(config.data)
     before = sum(1 for r in records if cache.get(_key(context, r)) is not None)
-    encoders = LazyEncoders(registry.hook, trainer, config)
+    # on the device training would use (the GPU when there is one), as the training loop encodes
+    encoders = LazyEncoders(registry.hook, trainer, config, training_device())
     started = time.perf_counter()
     with console.status(f"caching {len(records)} samples in {cache.root}"):
         encode_records(records, registry.hook, trainer, encoders, config, cache=cache, context=context)
-    return CacheBuildReport(len(records), len(records) - before, time.perf_counter() - started, encoders.loaded)
+    loaded = encoders.loaded
+    encoders.release()  # `train --cache` loads the transformer next: keep nothing of the encoders on the device
+    return CacheBuildReport(len(records), len(records) - before, time.perf_counter() - started, loaded)
 
 
 def _key(context: CacheContext, record: object) -> str:

@@ -19,6 +19,16 @@ from qflux.model_source import torch_dtype
 from qflux.types import EncodedSample, PromptEmbeds, TrainerInfo
 
 
+def training_device() -> torch.device:
+    """The device this process trains on, chosen as the training loop's ``Accelerator`` chooses it (accelerate's
+    process state: the local rank's accelerator under a multi-process launch, else the one accelerator, else
+    the CPU). ``qflux cache`` and ``train --cache`` encode there too: on a GPU machine the VAE and text
+    encoders are many times faster on the GPU than on the CPU."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.accelerator.is_available()).device
+
+
 class LazyEncoders:
     """Loads the trainer's encoders through ``qflux_load_encoders`` on first access, once."""
 
