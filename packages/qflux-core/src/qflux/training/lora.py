@@ -182,8 +182,6 @@ def _write_atomic(tensors: dict[str, torch.Tensor], header: dict[str, str], targ
 
 def _as_os_error(err: Exception, path: Path) -> Exception:
     """``err`` as an ``OSError`` when it is an I/O failure reported by another library, else ``err``."""
-    import re
-
     if isinstance(err, OSError):
         return err
     match = re.search(r"os error (\d+)", str(err))
@@ -294,7 +292,11 @@ def load_lora_file(transformer: torch.nn.Module, path: Path) -> None:
             up = up.float() * (tensors[part["alpha"]].float().item() / down.shape[0])
         state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = down, up
     metadata = None if with_alpha else _adapter_metadata_of(path, header, shapes)
-    transformer.load_lora_adapter(state, prefix=None, adapter_name=ADAPTER, metadata=metadata)
+    try:
+        transformer.load_lora_adapter(state, prefix=None, adapter_name=ADAPTER, metadata=metadata)
+    except (TypeError, ValueError, KeyError) as err:  # e.g. metadata of a peft version that has other fields
+        raise UserError(f"--lora {path}: diffusers cannot load it onto this {type(transformer).__name__} "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
     missed = [m for m in parts if ADAPTER not in getattr(transformer.get_submodule(m), "lora_A", {})]
     if missed:  # the checks above should make this impossible; never sample the base model silently
         transformer.delete_adapters(ADAPTER)
