@@ -577,6 +577,13 @@ def _(tmp):
     return train_args(config(tmp), "--resume", "--resume-from", str(tmp)), ["use either --resume or --resume-from"]
 
 
+@case("config-file-given-twice")
+def _(tmp):
+    path = config(tmp)
+    return ["train", str(path), "--config", "b.yaml"], [f"two config files given ({path} and --config b.yaml)",
+                                                        "train takes one"]
+
+
 def write_checkpoint(output_dir: Path, step: int, fingerprint: str) -> Path:
     """A valid checkpoint folder (the format of qflux.training.checkpoint) whose state names ``fingerprint``."""
     import dataclasses
