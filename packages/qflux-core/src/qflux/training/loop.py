@@ -28,6 +28,7 @@ from qflux.model_source import torch_dtype
 from qflux.plugins import Registry, build_registry
 from qflux.training import checkpoint as ckpt
 from qflux.training.batching import BucketBatchSampler, collate, rank_batches
+from qflux.training.best import BestSelector
 from qflux.training.encoding import (
     LazyEncoders,
     encode_records,
@@ -37,7 +38,6 @@ from qflux.training.encoding import (
 )
 from qflux.training.lora import (attach_lora, checkpoint_lora_metadata, export_lora, load_lora_state,
                                  lora_state_dict)
-from qflux.training.best import BestSelector
 from qflux.training.metrics import MetricsLog, plot_fidelity, plot_loss
 from qflux.training.optim import build_lr_scheduler, build_optimizer
 from qflux.training.progress import TrainProgress
