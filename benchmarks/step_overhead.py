@@ -93,7 +93,8 @@ def bench_config_dict(tmp: Path, *, cache: bool, num_samples: int = 8, max_steps
     return tiny_config(
         tmp,
         model={"pretrained": "builtin:tiny", "dtype": "float32", "lora": {"rank": 16, "alpha": 16}},
-        data={"path": "builtin:shapes", "resolution": resolution, "num_samples": num_samples, "holdout": 0},
+        data={"path": "builtin:shapes", "resolution": resolution, "num_samples": num_samples, "holdout": 0,
+              "control_resolution": "target"},
         cache={"enabled": cache, "dir": str(tmp / "cache")},
         train={"max_steps": max_steps, "batch_size": 1, "lr": 1e-4, "optimizer": "adamw", "scheduler": "constant",
                "timestep_sampling": "logit_normal", "max_grad_norm": 1.0, "save_every": 0, "seed": 0},

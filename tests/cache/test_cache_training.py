@@ -52,7 +52,8 @@ def config_for(tmp_path: Path, *overrides: str):
     base = {
         "trainer": "kontext",
         "model": {"pretrained": "builtin:tiny", "dtype": "float32", "lora": {"rank": 2, "alpha": 2}},
-        "data": {"path": str(tmp_path / "data"), "resolution": 32, "caption_dropout": 0.5},
+        "data": {"path": str(tmp_path / "data"), "resolution": 32, "caption_dropout": 0.5,
+                 "control_resolution": "target"},  # tiny models: not the pipeline's ~1 MP controls
         "cache": {"enabled": True, "dir": str(tmp_path / "cache")},
         "train": {"max_steps": 2, "batch_size": 2, "save_every": 0},
         "validation": {"every": 0},

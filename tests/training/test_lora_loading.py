@@ -23,8 +23,15 @@ from qflux.errors import UserError
 from qflux.plugins import build_registry
 from qflux.testing import single_torch_thread, tiny_config, write_config
 from qflux.training import checkpoint as ckpt
-from qflux.training.lora import (ADAPTER, attach_lora, checkpoint_lora_metadata, export_lora, load_lora_file,
-                                 lora_state_dict, read_lora_metadata)
+from qflux.training.lora import (
+    ADAPTER,
+    attach_lora,
+    checkpoint_lora_metadata,
+    export_lora,
+    load_lora_file,
+    lora_state_dict,
+    read_lora_metadata,
+)
 
 
 @pytest.fixture(autouse=True)

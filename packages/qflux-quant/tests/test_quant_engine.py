@@ -25,7 +25,8 @@ def _config(tmp_path, cache, method: str):
         "trainer": "kontext",
         "model": {"pretrained": "builtin:tiny", "dtype": "float32", "quantize": method,
                   "lora": {"rank": 4, "alpha": 4}},
-        "data": {"path": "builtin:shapes", "resolution": 32, "num_samples": 8, "holdout": 2},
+        "data": {"path": "builtin:shapes", "resolution": 32, "num_samples": 8, "holdout": 2,
+                 "control_resolution": "target"},  # tiny models: not the pipeline's ~1 MP controls
         "cache": {"enabled": True, "dir": str(cache)},
         # one batch holds every training sample and sigma is pinned near 0.5 (logit-normal, tiny std): the
         # steps differ only in their noise draw, so the loss curve shows the LoRA learning

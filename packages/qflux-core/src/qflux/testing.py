@@ -16,7 +16,9 @@ def tiny_config(tmp: Path, trainer: str = "kontext", **sections: dict[str, Any])
     config: dict[str, Any] = {
         "trainer": trainer,
         "model": {"pretrained": "builtin:tiny", "dtype": "float32", "lora": {"rank": 4, "alpha": 4}},
-        "data": {"path": "builtin:shapes", "resolution": 32, "num_samples": 8, "holdout": 2},
+        # controls at the target's size: the pipelines' ~1 MP condition sizes would make every tiny test slow
+        "data": {"path": "builtin:shapes", "resolution": 32, "num_samples": 8, "holdout": 2,
+                 "control_resolution": "target"},
         "cache": {"enabled": True, "dir": str(tmp / "cache")},
         "train": {"max_steps": 6, "batch_size": 2, "lr": 1e-3, "save_every": 3, "seed": 0},
         "validation": {"every": 0},

@@ -26,6 +26,30 @@ Grid = tuple[int, int]
 
 
 @dataclass(frozen=True)
+class ConditionSizing:
+    """The size the trainer's diffusers pipeline gives a condition (control) image at inference, as data.
+
+    A LoRA is used through that pipeline, so by default (``data.control_resolution: null``) training feeds
+    conditions of the same size; ``qflux.data.resize.condition_size`` applies the rule. The pipeline looks at
+    the aspect ``r = w / h`` of the image it is given (after flooring its sides to ``input_multiple``) and
+
+    - with ``preferred`` sizes: takes the ``(w, h)`` whose ``w / h`` is closest to ``r`` (absolute difference,
+      ties to the smaller ``(w, h)``): FluxKontextPipeline's ``PREFERRED_KONTEXT_RESOLUTIONS`` snap;
+    - otherwise: ``w = sqrt(area * r)``, ``h = w / r``, each rounded (half to even) to ``multiple``: the
+      qwenimage pipelines' ``calculate_dimensions(area, r)``.
+
+    ``vl_area``: the area of the separate copy a vision-language prompt encoder sees
+    (``calculate_dimensions(vl_area, r)``); None: the VL encoder, if any, sees the condition image itself.
+    """
+
+    area: int = 1024 * 1024
+    multiple: int = 32
+    preferred: tuple[tuple[int, int], ...] = ()  # (w, h)
+    input_multiple: int = 1
+    vl_area: int | None = None
+
+
+@dataclass(frozen=True)
 class TrainerInfo:
     """A trainer a plugin provides (handed to ``register`` in ``qflux_register_trainers``)."""
 
@@ -38,6 +62,8 @@ class TrainerInfo:
     # an edit trainer: a dataset in which no sample has a control image is refused (a misnamed control folder
     # would silently train text-to-image) unless data.allow_no_controls; False: a text-to-image trainer
     needs_controls: bool = True
+    # how the pipeline sizes condition images at inference; None: unknown, conditions get the target's size
+    condition_sizing: ConditionSizing | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +92,9 @@ class EditSample:
     controls: list[Image] = field(default_factory=list)
     mask: Image | None = None
     files: tuple[Path, ...] = ()  # the files it came from: error messages and cache keys
+    # the copy of each control a vision-language prompt encoder sees when the pipeline sizes it apart
+    # (``ConditionSizing.vl_area`` / ``data.vl_resolution``); empty: the VL encoder sees ``controls``
+    vl_controls: list[Image] = field(default_factory=list)
 
 
 @dataclass
@@ -170,4 +199,5 @@ class SampleRequest:
     guidance: float = 1.0  # distilled guidance (Kontext) / guidance embedding
     true_cfg: float = 1.0  # > 1 runs classifier-free guidance with ``negative_prompt``
     negative_prompt: str = ""
+    vl_controls: list[Image] = field(default_factory=list)  # as ``EditSample.vl_controls``
 

@@ -6,7 +6,9 @@ the cache keeps full precision and ``Batch.to`` casts to the compute dtype):
 - ``latents`` [N, 64]: the target through the VAE (mode of the latent distribution, as the pipeline's
   ``retrieve_latents(..., sample_mode="argmax")``), normalised ``(z - shift_factor) * scaling_factor`` and
   packed 2x2; ``grid`` = (H/16, W/16).
-- ``controls`` / ``control_grids``: every control image the same way, each at its own size.
+- ``controls`` / ``control_grids``: every control image the same way, each at the size the data stage gave it:
+  by default the pipeline's own (``FluxKontextPipeline`` snaps a control to the
+  ``PREFERRED_KONTEXT_RESOLUTIONS`` entry of closest aspect, ~1 MP: ``qflux_kontext.plugin.CONDITION_SIZING``).
 - ``prompt``: ``PromptEmbeds(hidden=T5 last hidden state [L, D], mask=None, pooled=CLIP pooled [P])`` with
   ``L = max_sequence_length`` (T5 padded to it, no attention mask, as in ``FluxKontextPipeline.encode_prompt``).
 - ``empty_prompt``: the same for ``""`` when caption dropout is on.

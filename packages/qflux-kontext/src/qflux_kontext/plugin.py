@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qflux import hookimpl
-from qflux.types import TrainerInfo
+from qflux.types import ConditionSizing, TrainerInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -22,6 +22,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 NAME = "kontext"
 
+# diffusers.pipelines.flux.pipeline_flux_kontext.PREFERRED_KONTEXT_RESOLUTIONS, (w, h): the pipeline snaps a
+# control to the entry of closest aspect (``_auto_resize``, its default). Copied, not imported, so that this
+# module stays light; a test compares it with diffusers' list and with what the pipeline really picks.
+PREFERRED_KONTEXT_RESOLUTIONS = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024),
+    (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672),
+)
+# The pipeline takes the aspect after flooring the image's sides to vae_scale_factor * 2 = 16.
+CONDITION_SIZING = ConditionSizing(preferred=PREFERRED_KONTEXT_RESOLUTIONS, multiple=16, input_multiple=16)
+
 TRAINER = TrainerInfo(
     name=NAME,
     family="flux-kontext",
@@ -29,6 +40,7 @@ TRAINER = TrainerInfo(
     pipeline="diffusers.FluxKontextPipeline",
     default_model="black-forest-labs/FLUX.1-Kontext-dev",
     max_controls=3,
+    condition_sizing=CONDITION_SIZING,
 )
 
 

@@ -2,8 +2,10 @@
 
 Every call builds a ``FluxKontextPipeline`` around ``bundle.transformer`` and the encoders with a FRESH
 ``FlowMatchEulerDiscreteScheduler.from_config(...)`` (never the training scheduler), at exactly the requested
-``height x width`` (``max_area = height * width``, ``_auto_resize=False``: the pipeline would otherwise snap
-the control to one of Kontext's preferred resolutions), ``generator = torch.Generator("cpu").manual_seed(seed)``.
+``height x width`` (``max_area = height * width``), ``generator = torch.Generator("cpu").manual_seed(seed)``,
+and ``_auto_resize=False``: the control keeps the size the data stage planned, which by default IS the
+pipeline's snap to ``PREFERRED_KONTEXT_RESOLUTIONS`` (``qflux_kontext.plugin.CONDITION_SIZING``), so sampling
+matches training whatever ``data.control_resolution`` chose.
 
 - no control: text-to-image; one control: ``image=controls[0]`` at its own size. Both call the pipeline.
 - two or more controls (the pipeline takes one): ``denoise`` below, a denoising loop that reuses the

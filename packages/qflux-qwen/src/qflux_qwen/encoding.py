@@ -6,18 +6,21 @@ cache keeps full precision and ``Batch.to`` casts to the compute dtype):
 - ``latents`` [N, 64]: the target through ``AutoencoderKLQwenImage`` as a 5-D ``[1, 3, 1, H, W]`` video of one
   frame (mode of the latent distribution), normalised ``(z - latents_mean) / latents_std`` and packed 2x2 —
   the pipeline's own ``_encode_vae_image`` and ``_pack_latents``; ``grid`` = (H/16, W/16).
-- ``controls`` / ``control_grids``: every control the same way, each at its own size.
+- ``controls`` / ``control_grids``: every control the same way, each at the size the data stage gave it (by
+  default the pipeline's: ``calculate_dimensions(1024 * 1024, ratio)``, see ``qflux_qwen.variants``).
 - ``prompt``: ``PromptEmbeds(hidden [L, D], mask [L] (ones), pooled=None)``: the last hidden state of
   Qwen2.5-VL over the pipeline's chat template, with the control image(s) as vision input and the template
   prefix dropped (``prompt_template_encode_start_idx``) — the pipeline's ``_get_qwen_prompt_embeds``.
 - ``empty_prompt``: the same for ``""`` (with the same control images) when caption dropout is on.
 - ``mask`` [N]: ``EditSample.mask`` (white = edited) in [0, 1] -> ``qflux.loss.mask_to_tokens``.
 
-Unlike the pipelines' ``__call__`` (which first resizes every condition image to about 1 MP: tens of seconds
-per call on CPU), the images are used at the size the sample has. The VL encoder sees: ``qwen-edit``: the
-control as given; ``qwen-edit-plus`` / ``qwen-edit-2511``: each control resized to an area of 384 x 384 (the
-plus pipeline's ``calculate_dimensions(CONDITION_IMAGE_SIZE, ratio)`` and ``image_processor.resize``), each as
-"Picture i: <|vision_start|><|image_pad|><|vision_end|>". A sample without control (text-to-image) is encoded
+Sizes are the data stage's job (``TrainerInfo.condition_sizing``, ``data.control_resolution`` /
+``data.vl_resolution``): every image is encoded at the size it is given. The VL encoder sees
+``EditSample.vl_controls`` when the data stage made them (the plus pipelines' ~384 x 384 copies, cut from the
+same crop as the control), else: ``qwen-edit``: the control itself (as ``QwenImageEditPipeline``, which gives
+its one ~1 MP image to VAE and VL encoder); ``qwen-edit-plus`` / ``qwen-edit-2511``: each control resized to an
+area of 384 x 384 (the plus pipeline's ``calculate_dimensions(CONDITION_IMAGE_SIZE, ratio)`` and
+``image_processor.resize``). Plus controls are given as "Picture i: <|vision_start|><|image_pad|><|vision_end|>". A sample without control (text-to-image) is encoded
 with the same system prompt and no vision input (the plus template with no picture).
 
 ``model.max_sequence_length`` (default None: no limit, as the pipelines) cuts the prompt embeddings after the
@@ -76,9 +79,11 @@ def encode_prompt(
     controls: list[Image],
     max_sequence_length: int | None = None,
     pipelines: dict[str, Any] | None = None,
+    vl_controls: list[Image] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt hidden states [1, L, D] and mask [1, L] (encoders' dtype and device), as the pipeline's
-    ``_get_qwen_prompt_embeds`` computes them for ``controls`` at their given size."""
+    ``_get_qwen_prompt_embeds`` computes them. ``vl_controls``: the VL encoder's images exactly as given (the
+    data stage sized them); empty or None: derived from ``controls`` (see the module docstring)."""
     pipelines = pipelines if pipelines is not None else {}
     name = PLUS_PIPELINE if (variant.multi_image or not controls) else EDIT_PIPELINE
     if name not in pipelines:
@@ -86,6 +91,8 @@ def encode_prompt(
     pipe = pipelines[name]
     if not controls:
         image = None  # plus template without a picture: same system prompt, text only
+    elif vl_controls:
+        image = list(vl_controls) if variant.multi_image else vl_controls[0]
     elif variant.multi_image:
         image = vl_images(variant, controls, pipe.image_processor)
     else:
@@ -175,9 +182,10 @@ def encode_samples(
             packed, control_grid = encode_image(encoders, control, pipelines[EDIT_PIPELINE])
             controls.append(_cpu(packed[0]))
             control_grids.append(control_grid)
-        prompt = _prompt_embeds(*encode_prompt(variant, encoders, sample.prompt, sample.controls, max_len, pipelines))
+        vl = sample.vl_controls
+        prompt = _prompt_embeds(*encode_prompt(variant, encoders, sample.prompt, sample.controls, max_len, pipelines, vl))
         empty = (
-            _prompt_embeds(*encode_prompt(variant, encoders, "", sample.controls, max_len, pipelines))
+            _prompt_embeds(*encode_prompt(variant, encoders, "", sample.controls, max_len, pipelines, vl))
             if empty_prompt
             else None
         )

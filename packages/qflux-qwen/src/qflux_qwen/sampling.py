@@ -4,10 +4,11 @@ The denoising loop is the one of ``QwenImageEditPipeline`` / ``QwenImageEditPlus
 sigmas ``linspace(1, 1/steps)``, dynamic shift ``mu`` from the target's token count, Euler steps of a FRESH
 ``FlowMatchEulerDiscreteScheduler`` built from the model's scheduler config, true CFG with the pipelines'
 norm rescale, VAE decode after un-normalising), written out with the pipeline's own helpers
-(``prepare_latents``, ``_unpack_latents``, ``image_processor``) because ``__call__`` resizes every control to
-about 1 MP first (tens of seconds per image on CPU): here the controls are encoded at the size they are given,
-exactly as ``qflux_encode`` encodes training samples, and the output has the requested size (sides rounded
-down to multiples of 16, as the pipelines do). No control: text-to-image with the same system prompt.
+(``prepare_latents``, ``_unpack_latents``, ``image_processor``) because ``__call__`` resizes every control
+itself: here the controls (and ``request.vl_controls``, the VL encoder's copies) are encoded at the size they
+are given, exactly as ``qflux_encode`` encodes training samples; the data stage planned them with the pipeline's
+own rule (``TrainerInfo.condition_sizing``) unless the config chose cheaper sizes. The output has the
+requested size (sides rounded down to multiples of 16, as the pipelines do). No control: text-to-image with the same system prompt.
 Latents stay float32 between steps; noise comes from a CPU generator seeded with ``request.seed``, so an
 image depends on the seed only, whatever the device.
 """
@@ -106,12 +107,15 @@ def sample(variant: QwenVariant, bundle: ModelBundle, request: SampleRequest) ->
     max_len = bundle.model.max_sequence_length
     pipelines = {variant.pipeline_class_name: pipe}
     controls = [c.convert("RGB") for c in request.controls]
+    vl = [c.convert("RGB") for c in request.vl_controls]
 
     with _eval(transformer):
-        hidden, mask = encode_prompt(variant, encoders, request.prompt, controls, max_len, pipelines)
+        hidden, mask = encode_prompt(variant, encoders, request.prompt, controls, max_len, pipelines, vl)
         do_cfg = request.true_cfg > 1.0
         if do_cfg:
-            neg_hidden, neg_mask = encode_prompt(variant, encoders, request.negative_prompt, controls, max_len, pipelines)
+            neg_hidden, neg_mask = encode_prompt(
+                variant, encoders, request.negative_prompt, controls, max_len, pipelines, vl
+            )
             neg_hidden, neg_mask = neg_hidden.to(device), neg_mask.to(device)
         hidden, mask = hidden.to(device), mask.to(device)
         control_latents, control_grids = [], []

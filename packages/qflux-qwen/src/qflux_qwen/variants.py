@@ -1,27 +1,31 @@
 """The three Qwen-Image-Edit trainers and what distinguishes them (light: no torch import).
 
-=================  ===========================  ==========================  ========  ==========  ===========
-trainer            real model                   pipeline                    controls  VL images   zero_cond_t
-=================  ===========================  ==========================  ========  ==========  ===========
-``qwen-edit``      Qwen/Qwen-Image-Edit         QwenImageEditPipeline       1         as given    no
-``qwen-edit-plus`` Qwen/Qwen-Image-Edit-2509    QwenImageEditPlusPipeline   1-3       ~384x384    no
-``qwen-edit-2511`` Qwen/Qwen-Image-Edit-2511    QwenImageEditPlusPipeline   1-3       ~384x384    yes
-=================  ===========================  ==========================  ========  ==========  ===========
+=================  ===========================  ==========================  ========  ==========  ========  ===========
+trainer            real model                   pipeline                    controls  VAE image   VL image  zero_cond_t
+=================  ===========================  ==========================  ========  ==========  ========  ===========
+``qwen-edit``      Qwen/Qwen-Image-Edit         QwenImageEditPipeline       1         ~1024x1024  the same  no
+``qwen-edit-plus`` Qwen/Qwen-Image-Edit-2509    QwenImageEditPlusPipeline   1-3       ~1024x1024  ~384x384  no
+``qwen-edit-2511`` Qwen/Qwen-Image-Edit-2511    QwenImageEditPlusPipeline   1-3       ~1024x1024  ~384x384  yes
+=================  ===========================  ==========================  ========  ==========  ========  ===========
 
-"VL images" is the size at which the control images reach the Qwen2.5-VL encoder: ``qwen-edit`` gives it the
-control at the size the sample has (the pipeline would first resize it to ~1 MP); the plus pipelines resize
-every control to an area of 384 x 384 for the VL encoder (``CONDITION_IMAGE_SIZE``) while the VAE sees it at
-its own size. ``zero_cond_t``: the 2511 transformer embeds the condition (control) tokens at timestep 0.
+"VAE image" / "VL image": the sizes at which the pipelines feed each control to the VAE and to the Qwen2.5-VL
+encoder (``calculate_dimensions(area, aspect)``, sides multiples of 32): ``QwenImageEditPipeline`` resizes the
+control to ~1 MP and gives that one image to both; the plus pipelines resize every control to ~1 MP for the VAE
+(``VAE_IMAGE_SIZE``) and to ~384 x 384 for the VL encoder (``CONDITION_IMAGE_SIZE``). ``condition_sizing`` says
+so to the data stage, which prepares the controls at those sizes (``data.control_resolution`` /
+``data.vl_resolution`` override them). ``zero_cond_t``: the 2511 transformer embeds the condition (control)
+tokens at timestep 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qflux.types import TrainerInfo
+from qflux.types import ConditionSizing, TrainerInfo
 
 FAMILY = "qwen-image"
 VL_AREA_PLUS = 384 * 384  # diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE
+VAE_AREA = 1024 * 1024  # QwenImageEditPipeline's calculate_dimensions(1024 * 1024, ...); the plus VAE_IMAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,11 @@ class QwenVariant:
     zero_cond_t: bool  # condition tokens at t = 0 (transformer config flag, forced on at load)
 
     @property
+    def condition_sizing(self) -> ConditionSizing:
+        """The pipeline's condition sizes (``calculate_dimensions``, multiples of 32, no input flooring)."""
+        return ConditionSizing(area=VAE_AREA, multiple=32, vl_area=self.vl_area)
+
+    @property
     def pipeline_class_name(self) -> str:
         return self.pipeline.rsplit(".", 1)[-1]
 
@@ -50,6 +59,7 @@ class QwenVariant:
             pipeline=self.pipeline,
             default_model=self.default_model,
             max_controls=self.max_controls,
+            condition_sizing=self.condition_sizing,
         )
 
 

@@ -60,7 +60,10 @@ class DataConfig(Section):
     allow_no_controls: bool = False  # an edit trainer on a dataset without any control image: warn, not refuse
     resolution: Resolution = 512  # int = pixel budget of a square (keep aspect); [h, w] = fixed; list = buckets
     resize: Literal["budget", "fixed", "buckets"] | None = None  # None: derived from the resolution's form
-    control_resolution: int | None = None  # pixel budget side for control images (None: as the target)
+    # control (condition) image size: None = what the trainer's pipeline feeds at inference (~1 MP);
+    # "target" = the target's planned size (cheaper); int = pixel-budget side (docs/config.md)
+    control_resolution: int | Literal["target"] | None = None
+    vl_resolution: int | None = None  # Qwen VL encoder's copy of each control: None = the pipeline's; int = budget side
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     columns: dict[str, str] = Field(default_factory=dict)  # HF datasets: qflux name -> column name
     holdout: int = Field(0, ge=0)  # samples kept out of training for the validation loss
@@ -76,6 +79,14 @@ class DataConfig(Section):
             if s < 16 or s % 16:
                 nearest = "16" if s < 16 else f"{s // 16 * 16} or {s // 16 * 16 + 16}"
                 raise ValueError(f"sides are multiples of 16 (at least 16): {s} is not, use {nearest}")
+        return v
+
+    @field_validator("control_resolution", "vl_resolution")
+    @classmethod
+    def _budget_side(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and (v < 16 or v % 16):
+            nearest = "16" if v < 16 else f"{v // 16 * 16} or {v // 16 * 16 + 16}"
+            raise ValueError(f"a pixel-budget side is a multiple of 16 (at least 16): {v} is not, use {nearest}")
         return v
 
 

@@ -8,18 +8,32 @@ Modes (``data.resize``; None derives it from the form of ``data.resolution``):
 - ``buckets``: the bucket ``[h, w]`` of closest aspect ratio from the list; with an int ``r``, buckets of about
   ``r * r`` pixels are generated (sides multiples of 64, or 16 for small ``r``) up to ``data.max_aspect``.
 
-Every side is a multiple of 16 (VAE factor 8 x 2x2 packing) and at least 16. Control images always keep their
-own aspect with their own pixel budget: ``data.control_resolution ** 2``, else the target's planned area.
+Every side is a multiple of 16 (VAE factor 8 x 2x2 packing) and at least 16.
+
+One geometry per sample: the target's crop box (``plan_target``, in normalised source coordinates) is also
+the crop box of every control of the same aspect (``shares_target_geometry``) and of the mask, so an aligned
+edit pair stays pixel-aligned whatever the mode. Only a control whose aspect really differs keeps its own
+aspect (its own centred box, clamped to ``data.max_aspect``). The control's final size (``plan_control``):
+
+- ``data.control_resolution: null``: what the trainer's pipeline feeds at inference (``ConditionSizing``,
+  ``condition_size``); a trainer without a rule: as ``"target"``;
+- ``"target"``: the target's planned size (an own-aspect control: its aspect at the target's area);
+- an int ``r``: its box's aspect with about ``r * r`` pixels.
+
+A vision-language encoder's copy (``plan_vl``) is cut from the same box at ``data.vl_resolution`` or the
+rule's ``vl_area``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from qflux.config.schema import DataConfig
 from qflux.errors import ConfigError
+from qflux.types import ConditionSizing
 
 MULTIPLE = 16
 ResizeMode = Literal["fixed", "budget", "buckets"]
@@ -42,7 +56,7 @@ def round_side(x: float) -> int:
     return max(MULTIPLE, int(round(x / MULTIPLE)) * MULTIPLE)
 
 
-def budget_size(width: int, height: int, area: float, max_aspect: float | None = None) -> Size:
+def budget_size(width: float, height: float, area: float, max_aspect: float | None = None) -> Size:
     """Keep ``width / height`` (clamped to ``max_aspect``: the crop takes the middle) with about ``area``
     pixels; sides rounded to multiples of 16."""
     if width <= 0 or height <= 0:
@@ -112,12 +126,136 @@ def plan_size(width: int, height: int, data: DataConfig) -> Size:
 
 
 def plan_control_size(width: int, height: int, data: DataConfig, target: Size | None = None) -> Size:
-    """The ``(w, h)`` of a control image: its own aspect, ``control_resolution ** 2`` pixels, else the area
-    of the planned ``target`` size, else the resolution's nominal area."""
-    if data.control_resolution is not None:
+    """The ``(w, h)`` of a control that keeps its own aspect: ``control_resolution ** 2`` pixels (an int),
+    else the area of the planned ``target`` size, else the resolution's nominal area."""
+    if isinstance(data.control_resolution, int):
         area = data.control_resolution**2
     elif target is not None:
         area = target[0] * target[1]
     else:
         area = nominal_area(data)
     return budget_size(width, height, area, data.max_aspect)
+
+
+def default_size(data: DataConfig) -> Size:
+    """The ``(w, h)`` of an output with no image to plan from: the square budget, the fixed size, or the
+    squarest bucket."""
+    res = data.resolution
+    if isinstance(res, int):
+        return res, res
+    if isinstance(res, tuple):
+        return int(res[1]), int(res[0])
+    h, w = min(res, key=lambda hw: (abs(math.log(hw[1] / hw[0])), -hw[0] * hw[1]))
+    return int(w), int(h)
+
+
+# --------------------------------------------------------------------------- one geometry per sample
+
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) as fractions of the source's width/height
+FULL: Box = (0.0, 0.0, 1.0, 1.0)
+# A control counts as the target's frame when its aspect is within 1 % (log) plus the rounding of one pixel on
+# either image's shorter side: an edit exported at another size (1024x683 vs 1000x667) still shares it.
+ASPECT_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an image of a sample comes from and what it becomes: ``box`` of its source, resized to ``size``."""
+
+    source: Size  # (w, h) of the source image
+    box: Box
+    size: Size
+    aligned: bool = True  # False: a control of another aspect, in its own geometry
+
+    @property
+    def extent(self) -> tuple[float, float]:
+        """Width and height in source pixels that the box covers."""
+        return (self.box[2] - self.box[0]) * self.source[0], (self.box[3] - self.box[1]) * self.source[1]
+
+
+def shares_target_geometry(target_wh: Size, control_wh: Size) -> bool:
+    """True when a control of ``control_wh`` source pixels has the target's aspect (within the tolerance):
+    it then gets exactly the target's crop box. Pure; ``qflux data check`` lists the controls for which
+    it is False."""
+    (tw, th), (cw, ch) = target_wh, control_wh
+    slack = ASPECT_TOLERANCE + 1 / min(tw, th) + 1 / min(cw, ch)
+    return abs(math.log((cw * th) / (ch * tw))) <= slack
+
+
+def crop_box(width: int, height: int, aspect: float) -> Box:
+    """The centred box of ``aspect`` (w / h) inside a ``width x height`` image, normalised: the crop of
+    ``PIL.ImageOps.fit``."""
+    source = width / height
+    if aspect > source:  # narrower source: full width, cut top and bottom
+        h = source / aspect
+        return 0.0, (1 - h) / 2, 1.0, (1 + h) / 2
+    if aspect < source:  # wider source: full height, cut the sides
+        w = aspect / source
+        return (1 - w) / 2, 0.0, (1 + w) / 2, 1.0
+    return FULL
+
+
+def plan_target(width: int, height: int, data: DataConfig) -> Placement:
+    """The target's size (``plan_size``) and the centred box of that aspect in its source."""
+    size = plan_size(width, height, data)
+    return Placement((width, height), crop_box(width, height, size[0] / size[1]), size)
+
+
+def calculate_dimensions(area: float, ratio: float, multiple: int = 32) -> Size:
+    """The qwenimage pipelines' ``calculate_dimensions``: ``w = sqrt(area * ratio)``, ``h = w / ratio``, each
+    rounded to ``multiple`` with Python's ``round`` (half to even), at least ``multiple``."""
+    width = math.sqrt(area * ratio)
+    height = width / ratio
+    return max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple)
+
+
+def condition_size(sizing: ConditionSizing, width: float, height: float) -> Size:
+    """The ``(w, h)`` the pipeline described by ``sizing`` resizes a condition image of ``width x height``
+    pixels to (see ``ConditionSizing``)."""
+    m = sizing.input_multiple
+    if m > 1:  # the pipeline floors the input's sides before it takes the aspect (a box's float sides:
+        # 63.99999 is a 64 px side, not 63)
+        width, height = (max(m, math.floor(round(x, 6)) // m * m) for x in (width, height))
+    ratio = width / height
+    if sizing.preferred:
+        _, w, h = min((abs(ratio - w / h), w, h) for w, h in sizing.preferred)
+        return w, h
+    return calculate_dimensions(sizing.area, ratio, sizing.multiple)
+
+
+def plan_control(
+    width: int, height: int, data: DataConfig, target: Placement | None = None, sizing: ConditionSizing | None = None
+) -> Placement:
+    """Box and size of a ``width x height`` control. ``target``: the target's placement (None: a sample without
+    target). ``sizing``: the trainer's pipeline rule (see the module docstring)."""
+    aligned = target is not None and shares_target_geometry(target.source, (width, height))
+    if target is not None and aligned:
+        box = target.box
+    else:  # own aspect, clamped to max_aspect (the middle is kept)
+        aspect = min(max(width / height, 1 / data.max_aspect), data.max_aspect)
+        box = crop_box(width, height, aspect)
+    own = Placement((width, height), box, (0, 0), aligned)
+    mode = data.control_resolution
+    if isinstance(mode, int):
+        size = budget_size(*own.extent, mode * mode)
+    elif mode is None and sizing is not None:
+        size = condition_size(sizing, *own.extent)
+    elif target is not None and aligned:
+        size = target.size
+    else:
+        size = plan_control_size(width, height, data, target.size if target is not None else None)
+    return Placement((width, height), box, size, aligned)
+
+
+def plan_vl(control: Placement, data: DataConfig, sizing: ConditionSizing | None = None) -> Size | None:
+    """The size of a vision-language encoder's copy of a control (cut from the control's box), or None when
+    the VL encoder sees the control itself: ``data.vl_resolution`` (budget side), else the rule's
+    ``vl_area`` (``calculate_dimensions``), else None."""
+    w, h = control.extent
+    if data.vl_resolution is not None:
+        size = budget_size(w, h, data.vl_resolution**2)
+    elif sizing is not None and sizing.vl_area is not None:
+        size = calculate_dimensions(sizing.vl_area, w / h)
+    else:
+        return None
+    return size

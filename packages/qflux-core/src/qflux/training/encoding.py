@@ -91,7 +91,7 @@ def encode_records(
     dtype = torch_dtype(config.model)
     for start in range(0, len(missing), chunk):
         part = missing[start : start + chunk]
-        samples = [load_sample(records[i], config.data) for i in part]
+        samples = [load_sample(records[i], config.data, trainer.condition_sizing) for i in part]
         encoded = hook.qflux_encode(trainer=trainer, encoders=encoders.get(), samples=samples, model=config.model,
                                     empty_prompt=with_empty)
         if encoded is None:

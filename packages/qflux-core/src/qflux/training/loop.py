@@ -36,8 +36,7 @@ from qflux.training.encoding import (
     prepare_samples,
     signatures_of,
 )
-from qflux.training.lora import (attach_lora, checkpoint_lora_metadata, export_lora, load_lora_state,
-                                 lora_state_dict)
+from qflux.training.lora import attach_lora, checkpoint_lora_metadata, export_lora, load_lora_state, lora_state_dict
 from qflux.training.metrics import MetricsLog, plot_fidelity, plot_loss
 from qflux.training.optim import build_lr_scheduler, build_optimizer
 from qflux.training.progress import TrainProgress

@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 
 from qflux.config.schema import QfluxConfig
-from qflux.types import EditSample, ModelBundle, SampleRequest
+from qflux.types import ConditionSizing, EditSample, ModelBundle, SampleRequest
 
 
 @dataclass
@@ -19,10 +19,12 @@ class ValidationCase:
     mask: Image.Image | None = None  # white = edited (held-out samples with a mask): the fidelity metrics use it
 
 
-def cases_from_config(config: QfluxConfig, holdout: list[EditSample]) -> list[ValidationCase]:
+def cases_from_config(config: QfluxConfig, holdout: list[EditSample],
+                      sizing: ConditionSizing | None = None) -> list[ValidationCase]:
     """``validation.samples`` (control paths + prompt) then the first ``validation.from_holdout`` held-out
-    samples. Controls are resized like training data; the output size follows the first control (or the
-    held-out target)."""
+    samples. Sizes are planned as for training data (``load_sample`` with the trainer's ``sizing``): the
+    output gets the size a target of the first control's (or the given target's) size trains at, the controls
+    the size training fed them (by default the pipeline's); no image: ``default_size``."""
     from qflux.data import load_sample
     from qflux.data.records import FileImage, SampleRecord
 
@@ -33,18 +35,20 @@ def cases_from_config(config: QfluxConfig, holdout: list[EditSample]) -> list[Va
         record = SampleRecord(key=f"validation-{i}", prompt=spec.prompt,
                               target=FileImage(Path(target)) if target else None,
                               controls=tuple(FileImage(Path(c)) for c in spec.control))
-        sample = load_sample(record, config.data)
+        sample = load_sample(record, config.data, sizing)
         width, height = sample.target.size if sample.target is not None else _default_size(config)
         cases.append(ValidationCase(
             SampleRequest(prompt=spec.prompt, controls=sample.controls, height=height, width=width, steps=v.steps,
-                          seed=v.seed + i, guidance=v.guidance, true_cfg=v.true_cfg, negative_prompt=spec.negative_prompt),
+                          seed=v.seed + i, guidance=v.guidance, true_cfg=v.true_cfg, negative_prompt=spec.negative_prompt,
+                          vl_controls=sample.vl_controls),
             sample.target if spec.target else None,
         ))
     for j, sample in enumerate(holdout[: v.from_holdout]):
         width, height = sample.target.size
         cases.append(ValidationCase(
             SampleRequest(prompt=sample.prompt, controls=sample.controls, height=height, width=width, steps=v.steps,
-                          seed=v.seed + len(v.samples) + j, guidance=v.guidance, true_cfg=v.true_cfg),
+                          seed=v.seed + len(v.samples) + j, guidance=v.guidance, true_cfg=v.true_cfg,
+                          vl_controls=sample.vl_controls),
             sample.target,
             sample.mask,
         ))
@@ -52,11 +56,9 @@ def cases_from_config(config: QfluxConfig, holdout: list[EditSample]) -> list[Va
 
 
 def _default_size(config: QfluxConfig) -> tuple[int, int]:
-    r = config.data.resolution
-    if isinstance(r, int):
-        return r, r
-    h, w = r if isinstance(r, tuple) else r[0]
-    return w, h
+    from qflux.data.resize import default_size
+
+    return default_size(config.data)
 
 
 def render(hook: Any, bundle: ModelBundle, cases: list[ValidationCase]) -> list[Image.Image]:
