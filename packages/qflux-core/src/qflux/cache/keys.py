@@ -1,7 +1,16 @@
-"""Cache keys: a hash of everything that changes an entry's content.
+"""Cache keys: a hash of everything that can change an entry's content.
 
-key = sha256(input files' bytes + prompt (the record fingerprint), resize settings, encoder identity
-(folder file stamps or hub id + revision, dtype), trainer, plugin version, encoding options, format).
+key = sha256(run context digest, record fingerprint). The record fingerprint hashes the sample's input files'
+bytes with their roles, and its prompt. The context digest hashes the entry format, the plugin's version and
+every field of ``trainer``, ``model`` and ``data`` (``KEYED_ROOTS``) except those in ``NOT_IN_KEY``, each listed
+with the reason it cannot change an entry.
+
+Staleness is impossible by construction: a field added to ``model`` or ``data`` is in the key until someone
+lists it in ``NOT_IN_KEY`` (at worst a needless re-encode, never a stale entry), and tests/cache/
+test_cache_keys.py walks every field of the schema and fails for one of any other section that is not listed.
+Two fields enter through a derived value (``DERIVED``): ``model.pretrained`` as the encoders' identity (a
+folder's file stamps, so replaced weights re-encode) and ``data.caption_dropout`` as whether the empty prompt
+is encoded. A leading ``~`` is expanded in every keyed string, whether or not the schema already did.
 """
 
 from __future__ import annotations
@@ -9,12 +18,126 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from qflux.config.schema import QfluxConfig
 
 CACHE_FORMAT = 1
+
+# Top-level config keys whose every field is part of the key unless listed below.
+KEYED_ROOTS = ("trainer", "model", "data")
+
+# Every config field that cannot change an encoded entry (dotted path -> why). Fields of sections outside
+# KEYED_ROOTS must each be listed here (the meta-test says which are missing); list one of model/data only when
+# certain: an unlisted field merely re-encodes when it changes.
+NOT_IN_KEY: dict[str, str] = {
+    # model: what is loaded and how the transformer trains; the encoders see none of it
+    "model.quantize": "quantizes the transformer only (qflux-quant hooks qflux_load_transformer)",
+    "model.quantize_skip": "a quantize option",
+    "model.gradient_checkpointing": "the transformer's backward pass",
+    "model.guidance": "the guidance embedding fed to the transformer while training",
+    "model.lora.rank": "the LoRA on the transformer",
+    "model.lora.alpha": "the LoRA on the transformer",
+    "model.lora.targets": "the LoRA on the transformer",
+    "model.lora.init": "the LoRA on the transformer",
+    "model.lora.dropout": "the LoRA on the transformer",
+    # data: which samples train and how they are read, not what one encodes to
+    "data.holdout": "which samples are held out; both kinds are encoded alike",
+    "data.workers": "how many processes decode the images",
+    "data.allow_no_controls": "whether a dataset without controls is accepted; the roles are in the fingerprint",
+    # cache: where entries live and whether they are used
+    "cache.enabled": "whether the cache is used",
+    "cache.dir": "where the entries live",
+    # train: the optimisation of the LoRA; entries are its inputs
+    "train.max_steps": "optimisation",
+    "train.batch_size": "optimisation (encoding runs in chunks of its own size)",
+    "train.grad_accum": "optimisation",
+    "train.lr": "optimisation",
+    "train.optimizer": "optimisation",
+    "train.optimizer_args": "optimisation",
+    "train.weight_decay": "optimisation",
+    "train.scheduler": "optimisation",
+    "train.warmup_steps": "optimisation",
+    "train.timestep_sampling": "noise is drawn per step, after the cache",
+    "train.logit_mean": "noise is drawn per step, after the cache",
+    "train.logit_std": "noise is drawn per step, after the cache",
+    "train.shift": "noise is drawn per step, after the cache",
+    "train.mixed_precision": "autocast of the training step; entries are stored in model.dtype",
+    "train.seed": "noise, dropout and order are drawn per step, after the cache",
+    "train.save_every": "checkpointing",
+    "train.keep_checkpoints": "checkpointing",
+    "train.max_grad_norm": "optimisation",
+    "train.log_every": "logging",
+    "train.fsdp": "how the transformer is sharded",
+    # loss: applied to the prediction; the entry holds the token mask it weights
+    "loss.mask_weighting.foreground": "a loss weight, applied per step",
+    "loss.mask_weighting.background": "a loss weight, applied per step",
+    # validation and output: what the run shows and writes
+    "validation.every": "validation",
+    "validation.steps": "validation sampling",
+    "validation.seed": "validation sampling",
+    "validation.guidance": "validation sampling",
+    "validation.true_cfg": "validation sampling",
+    "validation.samples": "validation sampling (its images are encoded by the sampling pipeline, never cached)",
+    "validation.from_holdout": "which held-out samples are also rendered",
+    "validation.select_best": "which checkpoint is exported as the best",
+    "output.dir": "where the run writes",
+}
+
+
+def _pretrained(config: QfluxConfig) -> str:
+    return encoder_identity(config.model.pretrained, config.model.revision)
+
+
+def _empty_prompt(config: QfluxConfig) -> bool:
+    return config.data.caption_dropout > 0  # only whether the empty prompt is encoded, not how often it is used
+
+
+# Keyed fields that enter through a value derived from the config (the raw value is not hashed).
+DERIVED: dict[str, Callable[[QfluxConfig], Any]] = {
+    "model.pretrained": _pretrained,  # the folder's file stamps: weights replaced in place re-encode
+    "data.caption_dropout": _empty_prompt,
+}
+
+
+def _expand(value: Any) -> Any:
+    """``~`` expanded in every string (``~/m`` and ``/home/me/m`` are one key, schema expansion or not)."""
+    if isinstance(value, str):
+        return os.path.expanduser(value) if value.startswith("~") else value
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    return value
+
+
+def _fields(model: BaseModel, prefix: str) -> dict[str, Any]:
+    """Dotted path -> value of every leaf field of ``model`` (nested sections walked, lists kept whole)."""
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        path = f"{prefix}.{name}" if prefix else name
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out.update(_fields(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def keyed_values(config: QfluxConfig) -> dict[str, Any]:
+    """The config fields the context digest hashes (dotted path -> JSON value)."""
+    out: dict[str, Any] = {}
+    for path, value in _fields(config, "").items():
+        if path.split(".")[0] not in KEYED_ROOTS or path in NOT_IN_KEY:
+            continue
+        out[path] = DERIVED[path](config) if path in DERIVED else _expand(to_jsonable_python(value))
+    return out
 
 
 @dataclass(frozen=True)
@@ -25,25 +148,15 @@ class CacheContext:
 
     @classmethod
     def from_config(cls, config: QfluxConfig, plugin_version: str) -> CacheContext:
-        d = config.data
-        parts = {
-            "format": CACHE_FORMAT,
-            "trainer": config.trainer,
-            "plugin_version": plugin_version,
-            "encoder": encoder_identity(config.model.pretrained, config.model.revision),
-            "dtype": config.model.dtype,
-            "max_sequence_length": config.model.max_sequence_length,
-            "resize": {"resolution": d.resolution, "resize": d.resize, "control_resolution": d.control_resolution},
-            "empty_prompt": d.caption_dropout > 0,
-        }
+        parts = {"format": CACHE_FORMAT, "plugin_version": plugin_version, "config": keyed_values(config)}
         return cls(hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest())
 
 
 def encoder_identity(pretrained: str, revision: str | None) -> str:
-    """A folder: names, sizes and mtimes of every file outside ``transformer/`` (the encoders, VAE,
-    tokenizers; re-hashing many GB of weights at every start would cost minutes). A hub id or builtin
-    name: itself plus the revision."""
-    path = Path(pretrained)
+    """A folder (``~`` expanded): its resolved path plus names, sizes and mtimes of every file outside
+    ``transformer/`` (the encoders, VAE, tokenizers; re-hashing many GB of weights at every start would cost
+    minutes). A hub id or builtin name: itself plus the revision."""
+    path = Path(pretrained).expanduser()
     if not path.is_dir():
         return f"{pretrained}@{revision or 'main'}"
     h = hashlib.sha256(str(path.resolve()).encode())
