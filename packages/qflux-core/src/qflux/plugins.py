@@ -90,7 +90,7 @@ class Registry:
         if name in KNOWN_TRAINERS:
             msg += self._missing(KNOWN_TRAINERS[name])
         elif close and close[0] in KNOWN_TRAINERS and close[0] not in self.trainers:
-            msg += self._missing(KNOWN_TRAINERS[close[0]])
+            msg += self._missing(KNOWN_TRAINERS[close[0]]).replace("; it is", " It is", 1)
         raise PluginError(msg)
 
     def version_of_trainer(self, name: str) -> str:
