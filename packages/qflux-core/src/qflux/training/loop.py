@@ -180,8 +180,8 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     if sampling_on:
         from qflux.training.validation import cases_from_config
 
-        holdout_samples = [load_sample(r, config.data) for r in holdout_records]
-        validation_cases = cases_from_config(config, holdout_samples)
+        holdout_samples = [load_sample(r, config.data, trainer.condition_sizing) for r in holdout_records]
+        validation_cases = cases_from_config(config, holdout_samples, trainer.condition_sizing)
         encoders.offload()
     else:
         encoders.release()
