@@ -53,7 +53,7 @@ def measure_case(controls: list[Any], target: Any | None, mask: Any | None, samp
         mask = mask.resize(sample.size)
     region = unedited_region(control, target, mask) if target is not None else None
     # the edited region takes no part in the alignment: a moved object must not read as a moved picture
-    alignment = estimate_alignment(control, sample, _edited_mask(region))
+    alignment = estimate_alignment(control, sample, mask if mask is not None else _edited_mask(region))
     values: dict[str, float | None] = {}
     if alignment is not None:
         values.update(shift_px=alignment.shift_px, dx=alignment.dx, dy=alignment.dy, zoom=alignment.zoom,
