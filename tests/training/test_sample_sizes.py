@@ -85,3 +85,32 @@ def test_trained_data_round_trip_and_bad_entry():
     assert trained_data(DataConfig(), {}) is None
     with pytest.raises(UserError, match=KEY):
         trained_data(DataConfig(), {KEY: '{"resolution": 20}'})
+
+
+def test_trained_lora_records_its_sizes(make_config):
+    from qflux.training.loop import train
+
+    config = make_config(train={"max_steps": 1, "save_every": 0})
+    result = train(config)
+    recorded = json.loads(read_lora_metadata(result.lora_path)[KEY])
+    assert recorded == {"resolution": 32, "resize": None, "control_resolution": "target", "vl_resolution": None,
+                        "max_aspect": 4.0}
+
+
+def test_validation_plans_like_training(tmp_path):
+    """Validation requests: output at the target's planned size, controls and VL copies by the pipeline rule."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    from qflux.config.schema import QfluxConfig
+    from qflux.training.validation import cases_from_config
+    from qflux_qwen.variants import VARIANTS
+
+    Image.new("RGB", (900, 500), (10, 20, 30)).save(tmp_path / "in.png")
+    config = QfluxConfig(data={"resolution": 64},
+                         validation={"samples": [{"control": [str(tmp_path / "in.png")], "prompt": "x"}, {"prompt": "y"}]})
+    with_image, without = cases_from_config(config, [], VARIANTS["qwen-edit-plus"].condition_sizing)
+    request = with_image.request
+    assert (request.width, request.height) == (80, 48)  # the 64 px budget at 9:5 (cut to the 80x48 frame)
+    assert request.controls[0].size == plus.calculate_dimensions(plus.VAE_IMAGE_SIZE, 80 / 48)
+    assert request.vl_controls[0].size == plus.calculate_dimensions(plus.CONDITION_IMAGE_SIZE, 80 / 48)
+    assert (without.request.width, without.request.height) == (64, 64)

@@ -28,7 +28,7 @@ from pydantic_core import to_jsonable_python
 
 from qflux.config.schema import QfluxConfig
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: controls share the target's crop and get the pipeline's condition sizes (data.resize)
 
 # Top-level config keys whose every field is part of the key unless listed below.
 KEYED_ROOTS = ("trainer", "model", "data")

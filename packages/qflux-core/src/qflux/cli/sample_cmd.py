@@ -9,7 +9,23 @@ import typer
 from qflux.cli.config_cmd import SET_HELP
 from qflux.cli.options import config_argument, config_option, path_option, pick_config
 from qflux.config import load_config
+from qflux.data.resize import MULTIPLE, default_size
 from qflux.errors import UserError
+
+SIZE_HELP = ("Output {side} in pixels (rounded down to a multiple of 16). Default: planned as in training, from "
+             "the sizes the --lora file records, else the config's data section; with only one of --width/--height "
+             "the other keeps the planned aspect.")
+
+
+def output_size(planned: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
+    """``planned`` (w, h), or the --width/--height given (multiples of 16; one alone keeps the aspect)."""
+    if width is None and height is None:
+        return planned
+    if width is None:
+        width = round(height * planned[0] / planned[1])
+    elif height is None:
+        height = round(width * planned[1] / planned[0])
+    return max(MULTIPLE, width // MULTIPLE * MULTIPLE), max(MULTIPLE, height // MULTIPLE * MULTIPLE)
 
 
 def sample(
@@ -26,8 +42,15 @@ def sample(
     negative_prompt: str = typer.Option("", "--negative-prompt"),
     trainer: str | None = typer.Option(None, "--trainer", help="Override the config's trainer."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    width: int | None = typer.Option(None, "--width", min=16, help=SIZE_HELP.format(side="width")),
+    height: int | None = typer.Option(None, "--height", min=16, help=SIZE_HELP.format(side="height")),
 ) -> None:
-    """Edit IMG with the base model plus a LoRA and write the result to OUT."""
+    """Edit IMG with the base model plus a LoRA and write the result to OUT.
+
+    Sizes are planned as in training: from the sizes the --lora file was trained with (its
+    qflux.training_sizes metadata) when it records them, else from the config's data section. The output
+    gets the size a target of IMG's size trained at (no image: data.resolution), the control the size
+    training fed it (by default the trainer's pipeline rule); --width/--height set the output size."""
     from PIL import Image
 
     from qflux.config.preflight import check_model_source, check_writable
@@ -58,8 +81,18 @@ def sample(
     check_model_source(cfg, info.pipeline, info.name)
     refs = tuple(FileImage(p) for p in image)
     record = SampleRecord(key="sample", prompt=prompt, target=refs[0] if refs else None, controls=refs)
-    request_sample = load_sample(record, cfg.data)
-    width, height = request_sample.target.size if request_sample.target is not None else (512, 512)
+    data, sizes_from = cfg.data, "the config's data section"
+    if lora is not None:
+        from qflux.data.trained_sizes import trained_data
+        from qflux.training.lora import read_lora_metadata
+
+        if (trained := trained_data(cfg.data, read_lora_metadata(lora), f"--lora {lora}")) is not None:
+            data, sizes_from = trained, f"the sizes {lora.name} was trained with"
+    request_sample = load_sample(record, data, info.condition_sizing)
+    planned = request_sample.target.size if request_sample.target is not None else default_size(data)
+    width, height = output_size(planned, width, height)
+    if (width, height) != planned:
+        sizes_from = "--width/--height"
 
     transformer = registry.hook.qflux_load_transformer(trainer=info, model=cfg.model)
     if cfg.model.quantize:
@@ -69,8 +102,9 @@ def sample(
     encoders = registry.hook.qflux_load_encoders(trainer=info, model=cfg.model)
     bundle = ModelBundle(trainer=info, model=cfg.model, transformer=transformer, encoders=encoders)
     request = SampleRequest(prompt=prompt, controls=request_sample.controls, height=height, width=width, steps=steps,
-                            seed=seed, guidance=guidance, true_cfg=true_cfg, negative_prompt=negative_prompt)
+                            seed=seed, guidance=guidance, true_cfg=true_cfg, negative_prompt=negative_prompt,
+                            vl_controls=request_sample.vl_controls)
     result = registry.hook.qflux_sample(bundle=bundle, request=request)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
-    typer.echo(f"wrote {out} ({width}x{height})")
+    typer.echo(f"wrote {out} ({width}x{height}, size from {sizes_from})")

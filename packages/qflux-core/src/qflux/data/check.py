@@ -37,7 +37,7 @@ from qflux.config.schema import DataConfig
 from qflux.data.folder import CONTROL_DIR, TARGET_DIR
 from qflux.data.images import open_mask, open_rgb, probe_size
 from qflux.data.records import DataProblem, ImageRef, SampleRecord, SourceScan
-from qflux.data.resize import plan_size, resize_mode
+from qflux.data.resize import plan_size, resize_mode, shares_target_geometry
 from qflux.data.sources import empty_folder_hint, format_problems, scan_dataset, split_holdout
 from qflux.errors import DataError
 
@@ -106,6 +106,7 @@ class _Checked:
 
     problems: list[DataProblem]
     target_size: Size | None = None
+    own_aspect: bool = False  # a control of another aspect than the target: not cropped with it
 
 
 def _where(ref: ImageRef) -> str:
@@ -145,6 +146,8 @@ def _check_one(record: SampleRecord, data: DataConfig, decode: bool = True) -> _
         w, h = size
         if role == "target":
             checked.target_size = size
+        elif role != "mask" and checked.target_size is not None:
+            checked.own_aspect |= not shares_target_geometry(checked.target_size, size)
         if role == "mask":
             if checked.target_size is not None and size != checked.target_size:
                 ts = checked.target_size
@@ -267,6 +270,10 @@ def _summarise(report: DataReport, data: DataConfig, records: Sequence[SampleRec
     report.masks = sum(1 for r in records if r.mask is not None)
     report.resize = _describe_resize(data)
     report.sizes = dict(Counter(plan_size(*c.target_size, data) for c in checked if c.target_size is not None))
+    if own := [r.key for r, c in zip(records, checked) if c.own_aspect]:
+        report.notes.append(ReportLine("own-aspect controls", f"{len(own)} sample(s) whose control has another "
+                                       "aspect than the target: sized on its own, not cropped with the target ("
+                                       f"{', '.join(own[:6])}{' ...' if len(own) > 6 else ''})"))
     if not data.holdout or len(records) < 2:
         report.holdout_note = f"data.holdout: {data.holdout}" + (" needs at least 2 samples" if data.holdout else "")
     else:

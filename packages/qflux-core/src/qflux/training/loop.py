@@ -414,7 +414,10 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
             metrics.log(step, val_loss=result.val_loss_end)
         if config.validation.every and step > start_step:
             offer_best(step, {"val_loss": result.val_loss_end, **fidelity_end})
-        result.lora_path = export_lora(accelerator.unwrap_model(transformer), trainer, config.model.lora, output_dir)
+        from qflux.data.trained_sizes import sizes_metadata  # qflux sample plans from the sizes trained with
+
+        result.lora_path = export_lora(accelerator.unwrap_model(transformer), trainer, config.model.lora, output_dir,
+                                       extra_metadata=sizes_metadata(config.data))
         metrics.close()
         plot_loss(metrics.path, output_dir / "loss.png")
         plot_fidelity(metrics.path, output_dir / "fidelity.png")
