@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qflux-installed
 PACKAGES := packages/qflux-core packages/qflux-kontext packages/qflux-qwen packages/qflux-quant
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test test-floor bench lint install clean
 
 install: $(STAMP)
 
@@ -22,8 +22,26 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The trainer tests on the lowest versions the packages declare (not part of CI; needs PyPI): a second venv
+# with every third-party floor of qflux-core/-kontext/-qwen pinned (`==floor`, generated from their
+# pyproject.toml by tests/floor_constraints.py). torch/torchvision: the declared floors (2.6 / 0.21) are not
+# on this machine's disk and PyPI's are multi-GB CUDA builds, so FLOOR_OVERRIDES installs what is on disk.
+FLOOR_VENV ?= .venv-floor
+FLOOR_PACKAGES := packages/qflux-core packages/qflux-kontext packages/qflux-qwen
+FLOOR_OVERRIDES ?= --override torch==2.14.1 --override torchvision==0.29.1
+FLOOR_TESTS ?= tests/training/test_train_kontext.py tests/training/test_train_qwen.py tests/realshape \
+	packages/qflux-kontext/tests packages/qflux-qwen/tests tests/data/test_data_sources.py
+
+test-floor:
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	echo '*' > $(FLOOR_VENV)/.gitignore  # keep the second venv out of git status
+	$(PYTHON) tests/floor_constraints.py $(FLOOR_OVERRIDES) $(notdir $(FLOOR_PACKAGES)) > $(FLOOR_VENV)/floors.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q -c $(FLOOR_VENV)/floors.txt pytest $(foreach p,$(FLOOR_PACKAGES),-e $(p))
+	$(FLOOR_VENV)/bin/python -m pip freeze --exclude-editable > $(FLOOR_VENV)/installed.txt
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check packages tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .qflux-cache
+	rm -rf $(VENV) $(FLOOR_VENV) runs .qflux-cache

@@ -141,6 +141,27 @@ def _loading(source: str, component: str, load: Callable[[], Any]) -> Any:
         raise UserError(f"model.pretrained '{source}': cannot load {component}: {err}") from err
 
 
+MIN_DIFFUSERS = "0.37"
+
+
+def check_diffusers() -> None:
+    """``UserError`` unless the installed diffusers has what the Qwen trainers rely on (0.37): the transformer's
+    ``zero_cond_t`` (Qwen-Image-Edit-2511) and the text length taken from ``encoder_hidden_states_mask``, both
+    new in 0.37. On 0.36 training crashes deep in the transformer's RoPE (qflux passes no ``txt_seq_lens``),
+    and ``zero_cond_t`` would be set as a plain attribute that the model ignores; checked by the signature
+    because the version string of a development build says little."""
+    import inspect
+
+    import diffusers
+    from diffusers import QwenImageTransformer2DModel
+
+    if "zero_cond_t" not in inspect.signature(QwenImageTransformer2DModel.__init__).parameters:
+        raise UserError(
+            f"the Qwen trainers need diffusers >= {MIN_DIFFUSERS} (QwenImageTransformer2DModel has no zero_cond_t "
+            f"in the installed diffusers {diffusers.__version__}): pip install -U 'diffusers>={MIN_DIFFUSERS}'"
+        )
+
+
 def enable_zero_cond_t(transformer: torch.nn.Module) -> torch.nn.Module:
     """Switch a ``QwenImageTransformer2DModel`` to ``zero_cond_t`` (condition tokens at t = 0) in place: the flag
     lives on the model and on each block and adds no weights; the config records it (``save_pretrained``)."""
@@ -153,6 +174,7 @@ def enable_zero_cond_t(transformer: torch.nn.Module) -> torch.nn.Module:
 
 def load_transformer(variant: QwenVariant, model: ModelConfig) -> torch.nn.Module:
     """The frozen ``QwenImageTransformer2DModel`` in ``model.dtype`` on CPU (``zero_cond_t`` on for 2511)."""
+    check_diffusers()
     dtype = torch_dtype(model)
     if is_tiny(model):
         from qflux_qwen.tiny import tiny_transformer
@@ -198,6 +220,7 @@ def load_encoders(variant: QwenVariant, model: ModelConfig) -> QwenEncoders:
     """VAE and Qwen2.5-VL (frozen, eval, ``model.dtype``), tokenizer, processor and the scheduler config."""
     from qflux_qwen.encoders import QwenEncoders
 
+    check_diffusers()  # before the long encode: the transformer loaded after it would refuse anyway
     dtype = torch_dtype(model)
     if is_tiny(model):
         from qflux_qwen.tiny import tiny_encoder_parts
