@@ -58,6 +58,8 @@ def test_cache_build_moves_the_encoders_to_the_training_device_before_encoding(t
 def test_the_training_device_is_the_one_the_training_loop_uses():
     """Without an accelerator both are the CPU; with one, both are accelerate's device for this process."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=False)  # as train() does: no other test's settings
     expected = Accelerator(cpu=not torch.accelerator.is_available()).device
     assert encoding.training_device() == expected

@@ -211,3 +211,12 @@ def test_tilde_paths_key_like_their_expansion_and_follow_the_folders_files(home,
 def test_hub_and_builtin_models_key_by_name_and_revision():
     assert digest(QfluxConfig(model=ModelConfig(pretrained="a/b"))) != digest(QfluxConfig(model=ModelConfig(
         pretrained="a/b", revision="v2")))
+
+
+@pytest.mark.parametrize(("a", "b"), [("kontext-dev-bf16", "kontext-dev-nf4"), ("qwen-edit-2509-bf16", "qwen-edit-2509-nf4")])
+def test_the_bf16_and_nf4_recipes_share_one_cache(a, b):
+    """docs/recipes.md: the entries do not depend on the quantization, so the two recipes share one cache."""
+    from qflux.config import load_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    assert digest(load_config(configs / f"{a}.yaml")) == digest(load_config(configs / f"{b}.yaml"))
