@@ -27,7 +27,8 @@ class ShiftConstants:
     """A model's resolution-dependent shift, from its scheduler config: ``mu`` is linear in the image token
     count, ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len`` (diffusers'
     ``calculate_shift``). The defaults are ``FlowMatchEulerDiscreteScheduler``'s (FLUX's values), used for
-    keys a config lacks, exactly as diffusers does."""
+    keys a config lacks, exactly as diffusers does. ``shift_terminal`` (Qwen: 0.02) only stretches the end of
+    the inference schedule; training sigmas are not stretched (nor are they in diffusers' or musubi's scripts)."""
 
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
