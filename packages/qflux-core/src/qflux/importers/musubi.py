@@ -20,8 +20,8 @@ from qflux.errors import ConfigError
 from qflux.importers import ImportResult, optimizer_name, square_budget
 
 MODEL_VERSIONS = {"edit": "qwen-edit", "edit-2509": "qwen-edit-plus", "edit-2511": "qwen-edit-2511"}
-TIMESTEPS = {"sigmoid": "sigmoid", "uniform": "uniform", "logsnr": "logit_normal", "flux_shift": "flux_shift",
-             "qwen_shift": "flux_shift", "shift": "shift"}
+TIMESTEPS = {"sigmoid": "sigmoid", "uniform": "uniform", "logsnr": "logit_normal", "flux_shift": "resolution_shift",
+             "qwen_shift": "resolution_shift", "shift": "shift"}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}
 # arguments that only choose kernels, loaders or logging: no effect on what is learnt, no note needed
 QUIET = {"sdpa", "xformers", "flash_attn", "split_attn", "max_data_loader_n_workers", "persistent_data_loader_workers",
