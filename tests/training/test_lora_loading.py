@@ -186,17 +186,22 @@ def test_qflux_sample_applies_a_checkpoint_lora_like_the_final_one(tmp_path):
     control = tmp_path / "in.png"
     Image.new("RGB", (32, 32), (220, 20, 20)).save(control)
 
+    # sampled with another data.resolution than trained: both LoRAs must plan from the sizes they record
+    other = ["--set", "data.resolution=64"]
     runs = {name: run_sample(config_path, tmp_path / f"{name}.png", "--image", str(control), *args)
-            for name, args in {"base": [], "checkpoint": ["--lora", str(checkpoint)],
-                               "final": ["--lora", str(result.lora_path)]}.items()}
+            for name, args in {"base": [], "checkpoint": ["--lora", str(checkpoint), *other],
+                               "final": ["--lora", str(result.lora_path), *other]}.items()}
     for name, proc in runs.items():
         assert proc.returncode == 0, (name, proc.stderr[-2000:])
     base, step, final = (pixels(tmp_path / f"{n}.png") for n in ("base", "checkpoint", "final"))
+    assert base.shape == step.shape == final.shape == (32, 32, 3)
     assert np.abs(step - base).max() > 2  # the checkpoint's LoRA is applied (before: identical bytes)
     assert np.abs(step - final).max() <= 1  # at the strength of the final export (uint8 rounding)
 
     header = json.loads(read_lora_metadata(checkpoint)["lora_adapter_metadata"])
     assert header["r"] == 4 and header["lora_alpha"] == 8
+    sizes = "qflux.training_sizes"
+    assert read_lora_metadata(checkpoint)[sizes] == read_lora_metadata(result.lora_path)[sizes]
 
     bad = tmp_path / "half.safetensors"
     save_file({k: v for k, v in load_file(str(result.lora_path)).items() if "lora_B" not in k}, str(bad))

@@ -322,9 +322,12 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     def save(position: ckpt.TrainingPosition) -> Path | None:
         path = None
         if is_main:
+            from qflux.data.trained_sizes import sizes_metadata  # a checkpoint samples at the trained sizes too
+
             path = ckpt.save_checkpoint(output_dir, position, lora_state_dict(accelerator.unwrap_model(transformer)),
                                         optimizer, lr_scheduler, config.train.keep_checkpoints,
-                                        lora_metadata=checkpoint_lora_metadata(config.model.lora))
+                                        lora_metadata={**checkpoint_lora_metadata(config.model.lora),
+                                                       **sizes_metadata(config.data)})
         accelerator.wait_for_everyone()
         return path
 
