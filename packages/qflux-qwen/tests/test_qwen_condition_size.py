@@ -68,21 +68,24 @@ class Seen(Exception):
     pass
 
 
-@pytest.mark.parametrize(("name", "control_resolution", "vl"), [
-    ("qwen-edit", None, (1248, 832)),  # calculate_dimensions(1024 * 1024, 1.5): what QwenImageEditPipeline feeds
-    ("qwen-edit-plus", None, (480, 320)),  # calculate_dimensions(384 * 384, 1.5)
-    ("qwen-edit-plus", "target", (480, 320)),  # cheaper VAE controls leave the VL image as the pipeline's
-    ("qwen-edit", "target", (48, 32)),  # qwen-edit's VL sees the VAE image: the target's size here
+@pytest.mark.parametrize(("name", "control_resolution", "vl_resolution", "vl"), [
+    ("qwen-edit", None, None, (1248, 832)),  # calculate_dimensions(1024 * 1024, 1.5): QwenImageEditPipeline's
+    ("qwen-edit-plus", None, None, (480, 320)),  # calculate_dimensions(384 * 384, 1.5)
+    ("qwen-edit-plus", "target", None, (480, 320)),  # cheaper VAE controls leave the VL image as the pipeline's
+    ("qwen-edit-plus", "target", 128, (160, 112)),  # data.vl_resolution: a 128 x 128 budget (sides of 16)
+    ("qwen-edit", "target", None, (48, 32)),  # qwen-edit's VL sees the VAE image: the target's size here
+    ("qwen-edit", "target", 512, (624, 416)),  # ... unless data.vl_resolution sizes it apart
 ])
 def test_vl_encoder_receives_the_planned_image(variants, encoders, model_config, tmp_path, monkeypatch, name,
-                                               control_resolution, vl):
+                                               control_resolution, vl_resolution, vl):
     from transformers import Qwen2VLProcessor
 
     from qflux_qwen.encoding import encode_prompt, encode_samples
 
     photo(96, 64).save(tmp_path / "c.png")
     ref = FileImage(tmp_path / "c.png")
-    data = DataConfig(path=str(tmp_path), resolution=(32, 48), control_resolution=control_resolution)
+    data = DataConfig(path=str(tmp_path), resolution=(32, 48), control_resolution=control_resolution,
+                      vl_resolution=vl_resolution)
     sample = load_sample(SampleRecord(key="s", prompt="p", target=ref, controls=(ref,)), data,
                          variants[name].condition_sizing)
     received = []
