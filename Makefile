@@ -30,7 +30,7 @@ FLOOR_VENV ?= .venv-floor
 FLOOR_PACKAGES := packages/qflux-core packages/qflux-kontext packages/qflux-qwen
 FLOOR_OVERRIDES ?= --override torch==2.14.1 --override torchvision==0.29.1
 FLOOR_TESTS ?= tests/training/test_train_kontext.py tests/training/test_train_qwen.py tests/realshape \
-	packages/qflux-kontext/tests packages/qflux-qwen/tests tests/data/test_data_sources.py
+	packages/qflux-kontext/tests packages/qflux-qwen/tests tests/data/test_data_sources.py tests/test_dependency_floors.py
 
 test-floor:
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)

@@ -31,6 +31,7 @@ FLOORS: dict[str, dict[str, tuple[str, str]]] = {
         "typer": ("0.16", "`Path | None` options; click >= 8.2"),
         "numpy": ("2.0", "the pyarrow datasets installs refuses NumPy 1.x"),
         "matplotlib": ("3.9", "built against NumPy 2"),
+        "pillow": ("10.1", "ImageFont.load_default(size=...) in the validation grids"),
     },
     "qflux-kontext": {
         "diffusers": ("0.35", "FluxKontextPipeline (first in 0.35.0)"),
