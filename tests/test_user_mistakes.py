@@ -523,7 +523,17 @@ def _(tmp):
 @case("output-dir-holds-a-run")
 def _(tmp):
     (tmp / "run" / "checkpoints" / "step-000003").mkdir(parents=True)
-    return train_args(config(tmp)), ["already holds checkpoints of a run: pass --resume", "choose another output.dir"]
+    return train_args(config(tmp)), ["already holds a run (found: checkpoints/ (step-000003))",
+                                     "pass --resume to continue it", "choose another output.dir"]
+
+
+@case("output-dir-holds-a-finished-run")
+def _(tmp):  # a run finished with train.save_every: 0: no checkpoint, but its LoRA, metrics and config
+    finished_run(tmp / "run")
+    return train_args(config(tmp)), [
+        "already holds a run (found: pytorch_lora_weights.safetensors, metrics.jsonl, config.yaml)",
+        "it finished without checkpoints (train.save_every: 0), so --resume cannot continue it",
+        "choose another output.dir"]
 
 
 @case("output-dir-is-a-file")
@@ -582,6 +592,59 @@ def _(tmp):
     path = config(tmp)
     return ["train", str(path), "--config", "b.yaml"], [f"two config files given ({path} and --config b.yaml)",
                                                         "train takes one"]
+
+
+@case("resume-nothing-to-resume")
+def _(tmp):
+    return train_args(config(tmp), "--resume"), [f"--resume: output.dir {tmp / 'run'} holds no run to continue",
+                                                 "drop --resume to start a new run"]
+
+
+@case("resume-finished-run-without-checkpoints")
+def _(tmp):
+    finished_run(tmp / "run")
+    return train_args(config(tmp), "--resume"), ["holds a finished run without checkpoints",
+                                                 "with train.save_every: 0 only the final LoRA is written",
+                                                 "it cannot be continued"]
+
+
+@case("resume-changed-optimizer-args")
+def _(tmp):
+    from qflux.config import load_config
+    from qflux.training.loop import config_fingerprint
+
+    old = config(tmp, "old.yaml")
+    write_checkpoint(tmp / "run", 4, config_fingerprint(load_config(old)))
+    shutil.copy(old, tmp / "run" / "config.yaml")
+    path = config(tmp, train={"max_steps": 8, "optimizer_args": {"betas": [0.8, 0.99]}})
+    return train_args(path, "--resume"), ["--resume: train.optimizer_args: {} -> {'betas': [0.8, 0.99]} cannot "
+                                          "change on resume", "resume with the old value"]
+
+
+@case("resume-past-max-steps-unexported")
+def _(tmp):
+    from qflux.config import load_config
+    from qflux.training.loop import config_fingerprint
+
+    path = config(tmp, train={"max_steps": 2})
+    write_checkpoint(tmp / "run", 4, config_fingerprint(load_config(path)))
+    return train_args(path, "--resume"), ["step-000004 is at step 4, past train.max_steps 2, and its LoRA was not "
+                                          "exported", "set train.max_steps to 4"]
+
+
+@case("launch-cpu-several-processes")
+def _(tmp):  # the environment accelerate's simple launcher gives its one process (accelerate.utils.launch)
+    launcher = ["env", "ACCELERATE_USE_CPU=True", "MASTER_ADDR=127.0.0.1", "MASTER_PORT=29500"]
+    return train_args(config(tmp)), ["accelerate launch was asked for several processes but started this one "
+                                     "alone", "accelerate launch --multi_gpu --num_processes 2 -m qflux train"], \
+        launcher
+
+
+def finished_run(output_dir: Path) -> None:
+    """The files a run finished with ``train.save_every: 0`` leaves (contents do not matter to the check)."""
+    output_dir.mkdir(parents=True)
+    for name in ("pytorch_lora_weights.safetensors", "metrics.jsonl", "config.yaml"):
+        (output_dir / name).write_text("{}\n")
 
 
 def write_checkpoint(output_dir: Path, step: int, fingerprint: str) -> Path:

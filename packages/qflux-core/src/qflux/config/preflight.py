@@ -66,6 +66,9 @@ def check_data_settings(config: QfluxConfig) -> None:
 
 def check_run(config: QfluxConfig, registry: Registry, resume: bool | Path = False) -> None:
     """Everything ``qflux train`` can check before it writes anything (see the module docstring)."""
+    from qflux.training.launch import check_world_size
+
+    check_world_size()  # `accelerate launch --cpu --num_processes N` started one process: say so first
     check_config(config, registry)
     check_output(config, resume)
     if config.cache.enabled:
@@ -249,37 +252,48 @@ def _differing_keys(checkpoint: Path, config: QfluxConfig, fingerprint: Callable
 
 
 def check_output(config: QfluxConfig, resume: bool | Path = False) -> None:
-    """``output.dir`` is writable; holds no checkpoint unless resuming; the resume checkpoint is intact and of
-    the same config."""
+    """``output.dir`` is writable and holds no run unless resuming; a resume has a checkpoint to continue
+    (``qflux.training.run_folder``), intact, of the same config (the differing keys named), changes no
+    setting a resume cannot apply (``qflux.training.resume``), and is not past ``train.max_steps`` unexported."""
+    from qflux.training.run_folder import remaining_work, resume_point
+
     output = Path(config.output.dir)
     check_writable(output, "output.dir")
-    checkpoints = output / "checkpoints"
-    has_checkpoints = checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())
-    if not resume:
-        if has_checkpoints:
-            raise UserError(f"{output} already holds checkpoints of a run: pass --resume to continue it, "
-                            "or choose another output.dir")
-        return
-    if not isinstance(resume, Path) and not has_checkpoints:
-        return  # --resume without checkpoints starts from step 0
-    from qflux.training import checkpoint as ckpt
-    from qflux.training.loop import config_fingerprint
-
     if isinstance(resume, Path):
-        path = resume
-        problem = ckpt.verify(path)
-        if problem is not None:
-            raise UserError(f"--resume-from {path}: not a usable checkpoint ({problem}); pick a folder "
-                            f"checkpoints/step-NNNNNN/ of a run")
-    else:
-        path = ckpt.latest_valid(output, lambda message: None)
-        if path is None:
-            return  # every checkpoint is corrupt: the loop reports them and starts from step 0
+        _check_usable_checkpoint(resume)
+    path = resume_point(output, resume, lambda message: None)
+    if path is None:
+        return
+    state = _checkpoint_state(path)
+    check_same_config(path, str(state.get("config_fingerprint")), config)
+    _check_resume_settings(path, config)
+    remaining_work(output, path, int(state.get("step", 0)), config.train.max_steps)
+
+
+def _check_usable_checkpoint(path: Path) -> None:
+    from qflux.training import checkpoint as ckpt
+
+    problem = ckpt.verify(path)
+    if problem is not None:
+        raise UserError(f"--resume-from {path}: not a usable checkpoint ({problem}); pick a folder "
+                        f"checkpoints/step-NNNNNN/ of a run")
+
+
+def _checkpoint_state(path: Path) -> dict[str, Any]:
+    from qflux.training import checkpoint as ckpt
+
     try:
         state = json.loads((path / ckpt.STATE).read_text(encoding="utf-8"))
-        written_with = str(state["config_fingerprint"])
-    except (OSError, ValueError, KeyError) as err:
+        str(state["config_fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"checkpoint {path}: unreadable {ckpt.STATE} ({err})") from err
+    return state
+
+
+def check_same_config(path: Path, written_with: str, config: QfluxConfig) -> None:
+    """The fingerprinted settings (model, data, batch) are those the checkpoint was written with."""
+    from qflux.training.loop import config_fingerprint
+
     if written_with == config_fingerprint(config):
         return
     keys = _differing_keys(path, config, config_fingerprint, written_with)
@@ -287,6 +301,14 @@ def check_output(config: QfluxConfig, resume: bool | Path = False) -> None:
         " (model, data or batch settings changed)"
     raise UserError(f"checkpoint {path} was written with a different config{changed}; resume with the "
                     "original config (its output.dir/config.yaml) or start a new output.dir")
+
+
+def _check_resume_settings(path: Path, config: QfluxConfig) -> None:
+    """No setting changed that a resume cannot apply (the others are applied and listed by the loop)."""
+    from qflux.training.loop import config_fingerprint
+    from qflux.training.resume import previous_settings, refuse_fixed, settings_changes
+
+    refuse_fixed(settings_changes(previous_settings(path, config_fingerprint), config), path)
 
 
 # --------------------------------------------------------------------------- images and data

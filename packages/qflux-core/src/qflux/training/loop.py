@@ -22,6 +22,7 @@ import yaml
 from rich.console import Console
 
 from qflux.cache.build import open_cache
+from qflux.config.preflight import check_same_config
 from qflux.config.schema import QfluxConfig
 from qflux.errors import TrainingStopped, UserError
 from qflux.model_source import torch_dtype
@@ -36,10 +37,20 @@ from qflux.training.encoding import (
     prepare_samples,
     signatures_of,
 )
-from qflux.training.lora import attach_lora, checkpoint_lora_metadata, export_lora, load_lora_state, lora_state_dict
+from qflux.training.launch import check_world_size
+from qflux.training.lora import (
+    LORA_FILE,
+    attach_lora,
+    checkpoint_lora_metadata,
+    export_lora,
+    load_lora_state,
+    lora_state_dict,
+)
 from qflux.training.metrics import MetricsLog, plot_fidelity, plot_loss
 from qflux.training.optim import build_lr_scheduler, build_optimizer
 from qflux.training.progress import TrainProgress
+from qflux.training.resume import Change, apply_hyperparameters, describe_changes, hyperparameters, resume_changes
+from qflux.training.run_folder import Remaining, nothing_to_do, remaining_work, resume_point
 from qflux.training.sharding import all_reduce_mean, check_fsdp, shard_frozen_base
 from qflux.training.shift_source import model_shift
 from qflux.training.step import make_batch, micro_step, validation_loss_sum
@@ -121,6 +132,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                               gradient_accumulation_steps=config.train.grad_accum,
                               cpu=not torch.accelerator.is_available())
+    check_world_size(accelerator.num_processes)  # a launch of N processes that started one: refused
     is_main = accelerator.is_main_process
     console = console or Console(stderr=True, quiet=not is_main, soft_wrap=True, highlight=False)
     output_dir = Path(config.output.dir)
@@ -133,25 +145,26 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         shift = found.constants
         console.print(found.describe())
 
-    # ---- where to start
-    resume_path: Path | None = None
-    if resume:
-        resume_path = Path(resume) if isinstance(resume, (str, Path)) else ckpt.latest_valid(output_dir, console.print)
-        if resume_path is None:
-            console.print(f"no checkpoint in {output_dir / 'checkpoints'}: starting from step 0")
-        elif ckpt.verify(resume_path) is not None:
-            raise UserError(f"checkpoint {resume_path} is unusable: {ckpt.verify(resume_path)}")
-    elif ckpt.list_checkpoints(output_dir):
-        raise UserError(f"{output_dir} already holds checkpoints of a run: pass --resume to continue it, "
-                        "or choose another output.dir")
+    # ---- where to start: a run is never overwritten, --resume never restarts silently (run_folder)
+    how = Path(resume) if isinstance(resume, (str, Path)) else bool(resume)
+    resume_path = resume_point(output_dir, how, console.print)
+    if resume_path is not None and ckpt.verify(resume_path) is not None:
+        raise UserError(f"checkpoint {resume_path} is unusable: {ckpt.verify(resume_path)}")
     state = ckpt.load_checkpoint(resume_path) if resume_path is not None else None
     if state is not None and state.position.processes != accelerator.num_processes:
         raise UserError(f"checkpoint {resume_path} was written by a run of {state.position.processes} process(es); "
                         f"this one has {accelerator.num_processes}: its data position would not match. Resume "
                         "with the same process count (or start a new output.dir)")
-    if state is not None and state.position.config_fingerprint != fingerprint:
-        raise UserError(f"checkpoint {resume_path} was written with a different config (model, data or "
-                        "batch settings changed); resume with the original config or start a new output.dir")
+    changes: list[Change] = []
+    if state is not None:
+        check_same_config(resume_path, state.position.config_fingerprint, config)
+        if remaining_work(output_dir, resume_path, state.position.step, config.train.max_steps) is Remaining.NOTHING:
+            console.print(nothing_to_do(output_dir, state.position.step, config.train.max_steps))
+            return TrainResult(output_dir=output_dir, lora_path=output_dir / LORA_FILE if is_main else None,
+                               steps=state.position.step, resumed_from=resume_path)
+        changes = resume_changes(resume_path, state.optimizer, state.lr_scheduler, config, config_fingerprint)
+        if changes:
+            console.print(describe_changes(changes, state.position.step))
 
     set_seed(config.train.seed, device_specific=False)  # model init in plugins that use the global RNG
 
@@ -206,8 +219,10 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
         load_lora_state(transformer, state.lora)
+        fresh = hyperparameters(optimizer)  # the restored state dicts bring the old lr / weight_decay back:
         optimizer.load_state_dict(state.optimizer)
         lr_scheduler.load_state_dict(state.lr_scheduler)
+        apply_hyperparameters(optimizer, lr_scheduler, fresh)  # the new config's, at the restored step
         step, epoch, batch_in_epoch = state.position.step, state.position.epoch, state.position.batch_in_epoch
         console.print(f"resumed from {resume_path} at step {step}")
     start_step = step
@@ -229,6 +244,8 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     # is not prepared, so validation enters it explicitly (training does in micro_step)
     validation_autocast = accelerator.autocast if sharded else contextlib.nullcontext
     grad_sync = (lambda ps: all_reduce_mean(ps, world)) if sharded else None
+    # every process has judged output.dir (run_folder) before the main one writes into it
+    accelerator.wait_for_everyone()
     if is_main:  # only now: a run that fails while loading leaves no output folder behind
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(
@@ -245,6 +262,8 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
             -(-len(holdout_set) // world) - len(holdout_batches))
     result = TrainResult(output_dir=output_dir, lora_path=None, steps=step, resumed_from=resume_path)
     metrics = MetricsLog(output_dir) if is_main else None
+    if metrics and state is not None:  # one row per resume: config.yaml holds the new values, this says from when
+        metrics.log(step, resumed_from=str(resume_path), changed={c.key: [c.old, c.new] for c in changes})
 
     def evaluate() -> float | None:
         if not holdout_set:
@@ -408,7 +427,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     result.val_loss_end = evaluate()
     if result.val_loss_end is not None:
         console.print(f"held-out validation loss at step {step}: {result.val_loss_end:.5f}")
-    if config.validation.every:
+    if config.validation.every and step > start_step:  # a resume that only exports rendered them already
         fidelity_end = sample_validation(step)
     if config.train.save_every:
         save(boundary)
