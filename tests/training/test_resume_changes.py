@@ -68,20 +68,20 @@ def test_resume_applies_a_lowered_lr_and_a_new_weight_decay(copy):
     resumed = qflux_train(copy, "--resume", "--set", "train.max_steps=6", "--set", "train.lr=5e-4",
                           "--set", "train.weight_decay=0.5")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["lr"] for r in rows if "lr" in r and r["step"] > STEPS] == [5e-4, 5e-4]  # was 1e-3 before the fix
+    state = torch.load(run / "checkpoints" / "step-000006" / "training_state.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.5  # was 1e-4
+    assert state["lr_scheduler"]["base_lrs"] == [5e-4]
     said = flat(resumed.stderr)
     assert "resuming at step 4 with changed settings" in said
     assert "train.lr: 0.001 -> 0.0005" in said and "train.weight_decay: 0.0001 -> 0.5" in said
     assert "train.max_steps: 4 -> 6" in said
-    rows = read_metrics(run / "metrics.jsonl")
-    assert [r["lr"] for r in rows if "lr" in r and r["step"] > STEPS] == [5e-4, 5e-4]  # was 1e-3 before the fix
     record = [r for r in rows if "resumed_from" in r]
     assert len(record) == 1 and record[0]["step"] == STEPS
     assert record[0]["changed"]["train.lr"] == [1e-3, 5e-4]
     written = yaml.safe_load((run / "config.yaml").read_text())["train"]
     assert written["lr"] == 5e-4 and written["weight_decay"] == 0.5  # config.yaml says what ran
-    state = torch.load(run / "checkpoints" / "step-000006" / "training_state.pt", weights_only=True)
-    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.5
-    assert state["lr_scheduler"]["base_lrs"] == [5e-4]
 
 
 def test_resume_of_a_complete_run_has_nothing_to_do(copy):
