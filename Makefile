@@ -26,9 +26,11 @@ test: $(STAMP)
 # with every third-party floor of qflux-core/-kontext/-qwen pinned (`==floor`, generated from their
 # pyproject.toml by tests/floor_constraints.py). torch/torchvision: the declared floors (2.6 / 0.21) are not
 # on this machine's disk and PyPI's are multi-GB CUDA builds, so FLOOR_OVERRIDES installs what is on disk.
+# safetensors: qflux-core's own floor (0.4.3) cannot be installed beside qflux-qwen's diffusers 0.38, which
+# requires 0.8, so the combined venv takes 0.8.
 FLOOR_VENV ?= .venv-floor
 FLOOR_PACKAGES := packages/qflux-core packages/qflux-kontext packages/qflux-qwen
-FLOOR_OVERRIDES ?= --override torch==2.14.1 --override torchvision==0.29.1
+FLOOR_OVERRIDES ?= --override torch==2.14.1 --override torchvision==0.29.1 --override safetensors==0.8.0
 FLOOR_TESTS ?= tests/training/test_train_kontext.py tests/training/test_train_qwen.py tests/realshape \
 	packages/qflux-kontext/tests packages/qflux-qwen/tests tests/data/test_data_sources.py tests/test_dependency_floors.py
 

@@ -141,25 +141,35 @@ def _loading(source: str, component: str, load: Callable[[], Any]) -> Any:
         raise UserError(f"model.pretrained '{source}': cannot load {component}: {err}") from err
 
 
-MIN_DIFFUSERS = "0.37"
+MIN_DIFFUSERS = "0.38"
 
 
 def check_diffusers() -> None:
-    """``UserError`` unless the installed diffusers has what the Qwen trainers rely on (0.37): the transformer's
-    ``zero_cond_t`` (Qwen-Image-Edit-2511) and the text length taken from ``encoder_hidden_states_mask``, both
-    new in 0.37. On 0.36 training crashes deep in the transformer's RoPE (qflux passes no ``txt_seq_lens``),
-    and ``zero_cond_t`` would be set as a plain attribute that the model ignores; checked by the signature
-    because the version string of a development build says little."""
+    """``UserError`` unless the installed diffusers has what the Qwen trainers rely on. 0.37 brought the
+    transformer's ``zero_cond_t`` (Qwen-Image-Edit-2511) and the text length taken from
+    ``encoder_hidden_states_mask``: on 0.36 training crashes deep in the transformer's RoPE (qflux passes no
+    ``txt_seq_lens``) and ``zero_cond_t`` would be set as a plain attribute the model ignores, so the signature
+    is checked (a development build's version string says little). 0.38 lets the plus pipeline encode a prompt
+    without an image (a sample without control: KeyError 'pixel_values' on 0.37)."""
     import inspect
 
     import diffusers
     from diffusers import QwenImageTransformer2DModel
+    from packaging.version import InvalidVersion, Version
 
+    installed = diffusers.__version__
     if "zero_cond_t" not in inspect.signature(QwenImageTransformer2DModel.__init__).parameters:
-        raise UserError(
-            f"the Qwen trainers need diffusers >= {MIN_DIFFUSERS} (QwenImageTransformer2DModel has no zero_cond_t "
-            f"in the installed diffusers {diffusers.__version__}): pip install -U 'diffusers>={MIN_DIFFUSERS}'"
-        )
+        missing = "QwenImageTransformer2DModel has no zero_cond_t"
+    else:
+        try:
+            too_old = Version(installed).release < Version(MIN_DIFFUSERS).release
+        except InvalidVersion:
+            too_old = False
+        if not too_old:
+            return
+        missing = "its Qwen-Image-Edit-Plus pipeline cannot encode a prompt without an image"
+    raise UserError(f"the Qwen trainers need diffusers >= {MIN_DIFFUSERS} ({missing} in the installed diffusers "
+                    f"{installed}): pip install -U 'diffusers>={MIN_DIFFUSERS}'")
 
 
 def enable_zero_cond_t(transformer: torch.nn.Module) -> torch.nn.Module:
