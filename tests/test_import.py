@@ -38,7 +38,7 @@ def test_ai_toolkit_kontext_job_maps_every_training_setting():
         ("make the person smile", ["/data/val/person1.jpg"]), ("give the person an afro", ["/data/val/person2.jpg"])]
     notes = "\n".join(result.not_carried)
     for setting in ("trigger_word", "timestep_type=weighted", "resolution=[512, 768]", "save.dtype",
-                    "sample.width/height", "save.push_to_hub", "shuffle_tokens"):
+                    "sample.width/height", "save.push_to_hub", "shuffle_tokens", "control size"):
         assert setting in notes, setting
 
 

@@ -132,6 +132,9 @@ def _datasets(datasets: list[Any], result: ImportResult) -> None:
     controls = _control_paths(dataset)
     if controls:
         result.set("data.control_path", controls[0] if len(controls) == 1 else controls)
+        result.skip("control size", "ai-toolkit resizes controls to the target's size; qflux feeds them at the size "
+                                    "the model's pipeline uses at inference (~1 MP); set data.control_resolution: "
+                                    "target to keep ai-toolkit's (cheaper) behaviour")
     if dataset.get("mask_path"):
         result.set("data.mask_path", str(dataset["mask_path"]))
     if "caption_dropout_rate" in dataset:

@@ -124,6 +124,10 @@ def _dataset(toml: dict[str, Any], result: ImportResult, source: Path) -> None:
     control = first.get("control_resolution") or first.get("qwen_image_edit_control_resolution")
     if control:
         result.set("data.control_resolution", square_budget(int(control[0]), int(control[1])))
+    elif first.get("control_directory") or "image_jsonl_file" in first:
+        result.skip("control size", "musubi resizes controls to the target's size by default; qflux feeds them at "
+                                    "the size the model's pipeline uses at inference (~1 MP); set "
+                                    "data.control_resolution: target to keep musubi's (cheaper) behaviour")
     if first.get("no_resize_control") or first.get("qwen_image_edit_no_resize_control") or \
             first.get("flux_kontext_no_resize_control"):
         result.skip("no_resize_control", "qflux sizes controls as the model's pipeline does at inference "
