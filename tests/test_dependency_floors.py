@@ -43,7 +43,8 @@ FLOORS: dict[str, dict[str, tuple[str, str]]] = {
     "qflux-qwen": {
         "diffusers": ("0.38", "QwenImageEditPlusPipeline (0.36); zero_cond_t and mask-derived text length (0.37); "
                               "prompt encoding without an image (0.38)"),
-        "transformers": ("5.0", "tokenizers-backed Qwen2Tokenizer from vocab + merges; rope_parameters"),
+        "transformers": ("5.4", "tokenizers-backed Qwen2Tokenizer from vocab + merges; rope_parameters; the same "
+                                "(torchvision) Qwen2VLImageProcessor built in code and loaded from a folder"),
         "torchvision": ("0.21", "transformers 5's Qwen2VLImageProcessor / Qwen2VLVideoProcessor"),
         "tokenizers": ("0.22.1", "0.22.0 requires huggingface-hub < 1, transformers 5 >= 1.3"),
         "torch": ("2.6", "as qflux-core"),
