@@ -48,7 +48,7 @@ FLOORS: dict[str, dict[str, tuple[str, str]]] = {
         "torchvision": ("0.21", "transformers 5's Qwen2VLImageProcessor / Qwen2VLVideoProcessor"),
         "tokenizers": ("0.22.1", "0.22.0 requires huggingface-hub < 1, transformers 5 >= 1.3"),
         "torch": ("2.6", "as qflux-core"),
-        "huggingface-hub": ("1.3", "hf_hub_download (loading.py); transformers 5 needs >= 1.3"),
+        "huggingface-hub": ("1.5", "hf_hub_download (loading.py); transformers 5.4 needs >= 1.5"),
     },
 }
 SOURCES = {"qflux-core": "qflux", "qflux-kontext": "qflux_kontext", "qflux-qwen": "qflux_qwen", "qflux-quant": "qflux_quant"}
