@@ -3,6 +3,8 @@ session, in bfloat16 like the real checkpoints), a 256 x 256 edit pair, and a sp
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +60,26 @@ class Spy:
 @pytest.fixture
 def spy_on(monkeypatch):
     """``spy_on(cls)`` -> a ``Spy`` of ``cls.forward`` for this test."""
+    spies: list[Spy] = []
 
     def spy_on(cls) -> Spy:
         spy = Spy()
+        spies.append(spy)
         monkeypatch.setattr(cls, "forward", spy.wrap(cls.forward))
         return spy
 
-    return spy_on
+    yield spy_on
+    for spy in spies:  # the calls hold the models (GBs): drop them before the next test loads its own
+        spy.calls.clear()
+
+
+@pytest.fixture(autouse=True)
+def release_memory():
+    """After each test, give the freed model memory back to the OS: the machine's RAM is shared, and glibc
+    keeps freed heap memory mapped unless asked."""
+    yield
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
