@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_multiprocess import launch, seen  # tests/distributed is on sys.path (rootdir-less test folders)
 
 from qflux.testing import tiny_config, write_config
-from test_multiprocess import launch, seen  # tests/distributed is on sys.path (rootdir-less test folders)
 
 
 def settings(tmp, fsdp: bool) -> dict:

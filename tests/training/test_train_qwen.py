@@ -24,6 +24,7 @@ from qflux.plugins import build_registry
 from qflux.testing import single_torch_thread, tiny_config, write_config
 from qflux.training.loop import train
 from qflux.training.lora import attach_lora, load_lora_state
+from qflux.training.validation import LABEL_HEIGHT
 from qflux.types import Batch, ModelBundle, NoisyInput, PromptEmbeds, SampleRequest
 
 
@@ -252,7 +253,8 @@ def test_validation_sampling_with_true_cfg_and_negative_prompt_writes_grids(tmp_
     assert result.lora_path.is_file()
     for step in (0, 2):
         grid = Image.open(run / "samples" / f"step-{step:06d}.png")
-        assert grid.height == 2 * 256 + 4  # one row per case: the configured sample, the held-out one
+        row = 256 + 2 * LABEL_HEIGHT  # tiles plus the label bands above and below them
+        assert grid.height == 2 * row + 4  # one row per case: the configured sample, the held-out one
     assert len(spy.requests) == 4  # 2 cases x (step 0, step 2)
     configured = [r for r in spy.requests if r.prompt == "put picture 2 into picture 1"]
     assert len(configured) == 2

@@ -13,4 +13,4 @@ transformers are imported inside the hook bodies. The heavy modules, one job eac
 - ``sampling``: validation / inference images through ``FluxKontextPipeline``
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -64,9 +64,8 @@ def check(
 ) -> None:
     """Decode every sample of data.path; print what it holds (samples, controls, masks, planned sizes, held-out
     samples, what is not read and why) and list each problem (file, reason). Exit 1 when there are any."""
-    from qflux.data import inspect_dataset
-
     from qflux.config.preflight import check_config
+    from qflux.data import inspect_dataset
     from qflux.plugins import build_registry
 
     set_ = [*set_, ALLOW_NO_CONTROLS_SET] if allow_no_controls else set_

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib
 import json
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qflux.errors import ConfigError
@@ -102,6 +102,7 @@ def _pipeline_transformer_class(pipeline: str) -> type | None:
 def _tiny_builder(trainer: TrainerInfo, registry: Registry) -> Callable[[], Any] | None:
     """``tiny_transformer`` of the ``tiny`` module next to the plugin that registered ``trainer`` (called with
     the trainer's name when it takes one: one plugin, several trainers)."""
+    import functools
     import inspect
 
     for record in registry.plugins:
@@ -115,7 +116,7 @@ def _tiny_builder(trainer: TrainerInfo, registry: Registry) -> Callable[[], Any]
             return None
         if not callable(build):
             return None
-        return (lambda: build(trainer.name)) if inspect.signature(build).parameters else build
+        return functools.partial(build, trainer.name) if inspect.signature(build).parameters else build
     return None
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import shlex
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from qflux.errors import ConfigError
 from qflux.importers import ImportResult, optimizer_name, square_budget
