@@ -311,24 +311,11 @@ def clip_tokenizer_real_size():
     """The tiny CLIP BPE (qflux_kontext.tiny_tokenizers) laid out like openai/clip-vit-large-patch14's vocab:
     its learnt tokens, then unreachable filler tokens up to 49406, then ``<|startoftext|>`` = 49406 and
     ``<|endoftext|>`` = 49407, the real ids."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
+    from qflux_kontext.tiny_tokenizers import build_clip_tokenizer
 
-    from qflux_kontext.tiny_tokenizers import WORDS, _learn_bpe
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = list(alphabet) + [c + "</w>" for c in alphabet]
-    merges = _learn_bpe(WORDS)
-    seen = set(tokens)
-    for a, b in merges:
-        if a + b not in seen:
-            seen.add(a + b)
-            tokens.append(a + b)
-    size = CLIP_TOKENIZER["vocab_size"]
-    tokens += [f"<|filler{i}|>" for i in range(size - 2 - len(tokens))]
-    tokens += [CLIP_TOKENIZER["bos"], CLIP_TOKENIZER["eos"]]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_TOKENIZER["model_max_length"])
+    tokenizer = build_clip_tokenizer(vocab_size=CLIP_TOKENIZER["vocab_size"])
+    tokenizer.model_max_length = CLIP_TOKENIZER["model_max_length"]
+    return tokenizer
 
 
 def t5_tokenizer_real_size():

@@ -101,17 +101,17 @@ def leaf_targets(transformer: torch.nn.Module) -> list[str]:
     return sorted({leaf(n) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
-def load_transformer(trainer_name: str) -> torch.nn.Module:
+def load_transformer(trainer_name: str = "kontext") -> torch.nn.Module:
     registry = build_registry()
     model = ModelConfig(pretrained="builtin:tiny", dtype="float32")
     return registry.hook.qflux_load_transformer(trainer=registry.trainer(trainer_name), model=model)
 
 
-def with_random_lora(trainer_name: str, lora: LoraConfig) -> torch.nn.Module:
+def with_random_lora(trainer_name: str, lora: LoraConfig, seed: int = 0) -> torch.nn.Module:
     """A tiny transformer with a LoRA whose B is non-zero (gaussian init leaves it zero)."""
     transformer = load_transformer(trainer_name)
     attach_lora(transformer, lora)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in transformer.named_parameters():
             if "lora_B" in name:

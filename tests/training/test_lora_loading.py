@@ -17,15 +17,15 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_lora_export import live_deltas as deltas  # tests/training is on sys.path (rootdir-less test folders)
+from test_lora_export import load_transformer, with_random_lora
 
-from qflux.config.schema import LoraConfig, ModelConfig
+from qflux.config.schema import LoraConfig
 from qflux.errors import UserError
 from qflux.plugins import build_registry
 from qflux.testing import single_torch_thread, tiny_config, write_config
 from qflux.training import checkpoint as ckpt
 from qflux.training.lora import (
-    ADAPTER,
-    attach_lora,
     checkpoint_lora_metadata,
     export_lora,
     load_lora_file,
@@ -38,28 +38,6 @@ from qflux.training.lora import (
 def one_thread():
     with single_torch_thread():
         yield
-
-
-def load_transformer(trainer_name: str = "kontext") -> torch.nn.Module:
-    registry = build_registry()
-    model = ModelConfig(pretrained="builtin:tiny", dtype="float32")
-    return registry.hook.qflux_load_transformer(trainer=registry.trainer(trainer_name), model=model)
-
-
-def with_random_lora(lora: LoraConfig, trainer_name: str = "kontext") -> torch.nn.Module:
-    transformer = load_transformer(trainer_name)
-    attach_lora(transformer, lora)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return transformer
-
-
-def deltas(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: m.scaling[ADAPTER] * (m.lora_B[ADAPTER].weight @ m.lora_A[ADAPTER].weight).detach()
-            for name, m in transformer.named_modules() if hasattr(m, "lora_A") and ADAPTER in m.lora_A}
 
 
 def assert_same_deltas(loaded: torch.nn.Module, trained: torch.nn.Module) -> None:
@@ -85,7 +63,7 @@ LORA = LoraConfig(rank=4, alpha=8, targets=["to_q", "to_k", "to_v", "to_out.0", 
 
 
 def test_final_and_checkpoint_loras_load_at_the_trained_strength(tmp_path):
-    trained = with_random_lora(LORA)
+    trained = with_random_lora("kontext", LORA, seed=1)
     final = export_lora(trained, build_registry().trainer("kontext"), LORA, tmp_path / "run")
     checkpoint = write_checkpoint(tmp_path / "run", trained, LORA)
     assert not any(k.startswith("transformer.") for k in load_file(str(checkpoint)))  # unbaked, as training holds it
@@ -96,7 +74,7 @@ def test_final_and_checkpoint_loras_load_at_the_trained_strength(tmp_path):
 
 
 def test_checkpoint_without_alpha_takes_it_from_its_runs_config(tmp_path):
-    trained = with_random_lora(LORA)
+    trained = with_random_lora("kontext", LORA, seed=1)
     checkpoint = write_checkpoint(tmp_path / "run", trained, None)
     loaded = load_transformer()
     with pytest.raises(UserError, match="records no alpha"):  # no header entry, no config.yaml: refused, not 1.0
@@ -108,7 +86,7 @@ def test_checkpoint_without_alpha_takes_it_from_its_runs_config(tmp_path):
 
 
 def test_kohya_alpha_tensors_and_plain_diffusers_files_follow_comfyuis_rule(tmp_path):
-    trained = with_random_lora(LORA)
+    trained = with_random_lora("kontext", LORA, seed=1)
     state = lora_state_dict(trained)
     kohya = {}
     for key, value in state.items():  # lora_down / lora_up names and an alpha tensor: scale alpha / rank
@@ -149,7 +127,7 @@ def _refused_files(state: dict[str, torch.Tensor]) -> dict[str, tuple[dict, str]
 
 @pytest.mark.parametrize("case", list(_refused_files({})))
 def test_a_file_whose_tensors_do_not_all_land_is_refused(case, tmp_path):
-    state = {f"transformer.{k}": v for k, v in lora_state_dict(with_random_lora(LORA)).items()}
+    state = {f"transformer.{k}": v for k, v in lora_state_dict(with_random_lora("kontext", LORA, seed=1)).items()}
     tensors, message = _refused_files(state)[case]
     save_file(tensors, str(tmp_path / "x.safetensors"))
     transformer = load_transformer()

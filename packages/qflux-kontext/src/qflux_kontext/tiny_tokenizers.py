@@ -60,9 +60,12 @@ def _learn_bpe(words: tuple[str, ...], end: str = "</w>") -> list[tuple[str, str
         vocab = merged
 
 
-def build_clip_tokenizer():
+def build_clip_tokenizer(vocab_size: int | None = None):
     """A CLIP byte-level BPE tokenizer: 256 byte symbols, the same with ``</w>``, the learnt merges, then
-    ``<|startoftext|>`` and ``<|endoftext|>`` (the layout of openai/clip-vit-large-patch14's vocab)."""
+    ``<|startoftext|>`` and ``<|endoftext|>`` (the layout of openai/clip-vit-large-patch14's vocab).
+
+    ``vocab_size``: pad with unreachable filler tokens before the two specials so that they get the real ids
+    (49406 / 49407 at the real 49408): CLIP's pooling depends on where ``<|endoftext|>`` sits."""
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
@@ -74,6 +77,8 @@ def build_clip_tokenizer():
         if a + b not in seen:
             seen.add(a + b)
             tokens.append(a + b)
+    if vocab_size is not None:
+        tokens += [f"<|filler{i}|>" for i in range(vocab_size - 2 - len(tokens))]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
