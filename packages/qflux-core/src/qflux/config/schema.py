@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -46,6 +46,8 @@ class ModelConfig(Section):
     guidance: float = 1.0  # guidance embedding value during training (FLUX.1 Kontext-dev)
     max_sequence_length: int | None = Field(None, ge=1)  # prompt tokens; None: the trainer's default
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    # the trainer's own keys, validated by its ``Trainer.Options`` model in preflight (docs/config.md)
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 Resolution = int | tuple[int, int] | list[tuple[int, int]]

@@ -1,0 +1,133 @@
+"""The ``Trainer`` a plugin registers: one model family's training recipe, as an object whose methods the core
+calls (the pattern of simonw/llm's ``register_models``).
+
+A plugin subclasses ``Trainer``, sets ``info`` (a ``TrainerInfo``), implements the stages its model supports
+and hands an instance to ``register`` in ``qflux_register_trainers``. A stage it does not implement is a
+capability it lacks: the core finds that out before any work (``require``) and says so in one line, exit
+code 2, instead of failing mid-run. Heavy imports (torch, diffusers) belong inside the method bodies, so
+that registering a trainer stays cheap (``qflux plugins list``).
+
+The stages, in the order of one ``qflux train`` run (``qflux.run.train``)::
+
+    check(config)                              preflight, before anything is read or written
+    load_encoders(model)                       only when something must be encoded or sampled
+    encode(encoders, samples, model, ...)      per chunk of samples missing from the embedding cache
+    load_transformer(model)                    then quantized (Quantizer), then the adapter is attached
+    scheduler_config(model)                    once, for ``train.timestep_sampling: resolution_shift``
+    predict(transformer, batch, noisy, model)  every step and for the validation loss
+    sample(bundle, request)                    validation images and ``qflux sample``
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qflux.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL.Image import Image
+    from pydantic import BaseModel
+
+    from qflux.config.schema import ModelConfig, QfluxConfig
+    from qflux.types import Batch, EditSample, EncodedSample, ModelBundle, NoisyInput, SampleRequest, TrainerInfo
+
+# The stages a trainer may lack, and what the user was doing that needs it (for the one-line refusal).
+CAPABILITIES = {
+    "load_transformer": "load its transformer",
+    "load_encoders": "load its encoders",
+    "encode": "encode training samples",
+    "predict": "run a training step",
+    "sample": "generate images (validation samples, qflux sample)",
+}
+
+
+class Unsupported(UserError):
+    """The selected trainer does not implement a stage the command needs (exit code 2)."""
+
+
+class Trainer:
+    """Base class of registered trainers. Override the stages your model supports; see the module docstring.
+
+    ``Options``: a pydantic model of the trainer's own config keys (``model.options``), validated before the
+    run with the same "did you mean" errors as the core's keys; None: the trainer takes no options.
+    """
+
+    info: TrainerInfo
+    Options: ClassVar[type[BaseModel] | None] = None
+
+    def __init__(self, info: TrainerInfo | None = None) -> None:
+        if info is not None:
+            self.info = info
+        if getattr(self, "info", None) is None:
+            raise TypeError(f"{type(self).__name__}: a Trainer needs info (a TrainerInfo)")
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.info.name!r}>"
+
+    # ------------------------------------------------------------------ capabilities
+
+    def implements(self, stage: str) -> bool:
+        """Whether this trainer overrides ``stage`` (one of ``CAPABILITIES``)."""
+        return getattr(type(self), stage) is not getattr(Trainer, stage)
+
+    def require(self, *stages: str, why: str) -> None:
+        """``Unsupported`` naming the first of ``stages`` this trainer lacks and ``why`` it is needed."""
+        for stage in stages:
+            if not self.implements(stage):
+                raise Unsupported(f"trainer '{self.name}' cannot {CAPABILITIES[stage]} (its plugin does not "
+                                  f"implement Trainer.{stage}), which {why} needs")
+
+    def options(self, model: ModelConfig) -> BaseModel | None:
+        """``model.options`` validated by ``Options`` (None when the trainer declares none)."""
+        if self.Options is None:
+            return None
+        return self.Options.model_validate(model.options)
+
+    # ------------------------------------------------------------------ stages
+
+    def check(self, config: QfluxConfig) -> None:
+        """Refuse what this trainer cannot train (raise ``UserError``), before any data or weights are read."""
+
+    def load_transformer(self, model: ModelConfig) -> torch.nn.Module:
+        """The denoising transformer from ``model.pretrained`` in ``model.dtype``: frozen, on CPU, not quantized;
+        raise ``UserError`` for a bad folder."""
+        raise self._unsupported("load_transformer")
+
+    def load_encoders(self, model: ModelConfig) -> Any:
+        """Everything ``encode`` and ``sample`` need besides the transformer (VAE, text encoders, tokenizers,
+        processor), frozen, on CPU. An object with ``to(device)`` (returning the moved object) is moved to the
+        training device for encoding and back to the CPU before the transformer loads."""
+        raise self._unsupported("load_encoders")
+
+    def encode(self, encoders: Any, samples: list[EditSample], model: ModelConfig,
+               empty_prompt: bool) -> list[EncodedSample]:
+        """One ``EncodedSample`` per sample, in order, tensors on CPU: normalised packed latents of target and
+        controls, prompt embeddings, the token-space edit mask, and (``empty_prompt``: caption dropout is on)
+        the encoding of the empty prompt."""
+        raise self._unsupported("encode")
+
+    def scheduler_config(self, model: ModelConfig) -> dict[str, Any] | None:
+        """The model's ``scheduler/scheduler_config.json`` as a dict (``FlowMatchEulerDiscreteScheduler`` keys),
+        read for ``train.timestep_sampling: resolution_shift``. None: the core reads a folder's file, else
+        diffusers' defaults."""
+        return None
+
+    def predict(self, transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput,
+                model: ModelConfig) -> torch.Tensor:
+        """The predicted velocity for the target tokens only, [B, N, C], from the noisy target tokens, the clean
+        control tokens and the prompt."""
+        raise self._unsupported("predict")
+
+    def sample(self, bundle: ModelBundle, request: SampleRequest) -> Image:
+        """One image from the trainer's diffusers pipeline with the current transformer; the pipeline uses a
+        scheduler instance of its own, never the training one."""
+        raise self._unsupported("sample")
+
+    def _unsupported(self, stage: str) -> Unsupported:
+        return Unsupported(f"trainer '{self.name}' cannot {CAPABILITIES[stage]} (its plugin does not implement "
+                           f"Trainer.{stage})")
