@@ -9,8 +9,9 @@ Staleness is impossible by construction: a field added to ``model`` or ``data`` 
 lists it in ``NOT_IN_KEY`` (at worst a needless re-encode, never a stale entry), and tests/cache/
 test_cache_keys.py walks every field of the schema and fails for one of any other section that is not listed.
 Two fields enter through a derived value (``DERIVED``): ``model.pretrained`` as the encoders' identity (a
-folder's file stamps, so replaced weights re-encode) and ``data.caption_dropout`` as whether the empty prompt
-is encoded. A leading ``~`` is expanded in every keyed string, whether or not the schema already did.
+folder's file stamps, so replaced weights re-encode; ``qflux.model_source.ModelSource`` says what is a folder,
+``~`` expanded) and ``data.caption_dropout`` as whether the empty prompt is encoded. A leading ``~`` is expanded
+in every keyed string, whether or not the schema already did.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from qflux.config.schema import QfluxConfig
+from qflux.model_source import ModelSource
 
 CACHE_FORMAT = 2  # 2: controls share the target's crop and get the pipeline's condition sizes (data.resize)
 
@@ -92,7 +94,7 @@ NOT_IN_KEY: dict[str, str] = {
 
 
 def _pretrained(config: QfluxConfig) -> str:
-    return encoder_identity(config.model.pretrained, config.model.revision)
+    return encoder_identity(ModelSource.of(config.model))
 
 
 def _empty_prompt(config: QfluxConfig) -> bool:
@@ -152,13 +154,13 @@ class CacheContext:
         return cls(hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest())
 
 
-def encoder_identity(pretrained: str, revision: str | None) -> str:
-    """A folder (``~`` expanded): its resolved path plus names, sizes and mtimes of every file outside
-    ``transformer/`` (the encoders, VAE, tokenizers; re-hashing many GB of weights at every start would cost
-    minutes). A hub id or builtin name: itself plus the revision."""
-    path = Path(pretrained).expanduser()
-    if not path.is_dir():
-        return f"{pretrained}@{revision or 'main'}"
+def encoder_identity(source: ModelSource) -> str:
+    """An existing folder (``source.path``, ``~`` expanded): its resolved path plus names, sizes and mtimes of
+    every file outside ``transformer/`` (the encoders, VAE, tokenizers; re-hashing many GB of weights at every
+    start would cost minutes). A hub id, builtin name or missing folder: the value as given plus the revision."""
+    path = source.path
+    if path is None or not path.is_dir():
+        return f"{source.pretrained}@{source.revision or 'main'}"
     h = hashlib.sha256(str(path.resolve()).encode())
     for root, dirs, files in os.walk(path):
         dirs[:] = sorted(x for x in dirs if not (Path(root) == path and x == "transformer"))

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from qflux.config.resolution import Resolution, ResolutionSpec
+
 
 def _expand_user(value: str) -> str:
     """``~`` / ``~user`` at the start means a home folder, as in a shell (which does not expand it inside quotes
@@ -50,9 +52,6 @@ class ModelConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-Resolution = int | tuple[int, int] | list[tuple[int, int]]
-
-
 class DataConfig(Section):
     path: PathStr = "builtin:shapes"  # folder | .csv/.jsonl manifest | hf:OWNER/NAME[:split] | builtin:shapes
     # separate folders (ai-toolkit folder_path + control_path, musubi image/control directories): with
@@ -76,12 +75,17 @@ class DataConfig(Section):
     @field_validator("resolution")
     @classmethod
     def _sides_multiple_of_16(cls, v: Resolution) -> Resolution:
-        sides = [v] if isinstance(v, int) else list(v) if isinstance(v, tuple) else [s for hw in v for s in hw]
-        for s in sides:
+        for s in (s for hw in ResolutionSpec.parse(v).sizes for s in hw):
             if s < 16 or s % 16:
                 nearest = "16" if s < 16 else f"{s // 16 * 16} or {s // 16 * 16 + 16}"
                 raise ValueError(f"sides are multiples of 16 (at least 16): {s} is not, use {nearest}")
         return v
+
+    @property
+    def resolution_spec(self) -> ResolutionSpec:
+        """``resolution`` with ``resize``, parsed (mode, sizes, nominal area, default size); the raw value stays
+        ``resolution`` (cache keys and config.yaml use it)."""
+        return ResolutionSpec.parse(self.resolution, self.resize)
 
     @field_validator("control_resolution", "vl_resolution")
     @classmethod

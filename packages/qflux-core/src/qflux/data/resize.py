@@ -29,26 +29,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
+from qflux.config.resolution import MULTIPLE, ResizeMode, Size
+from qflux.config.resolution import auto_buckets as auto_buckets  # re-exported (qflux.data.resize.auto_buckets)
 from qflux.config.schema import DataConfig
 from qflux.errors import ConfigError
 from qflux.types import ConditionSizing
 
-MULTIPLE = 16
-ResizeMode = Literal["fixed", "budget", "buckets"]
-Size = tuple[int, int]  # (width, height), PIL order
-
 
 def resize_mode(data: DataConfig) -> ResizeMode:
     """``data.resize``, or the mode the form of ``data.resolution`` implies (int: budget, [h, w]: fixed, list: buckets)."""
-    if data.resize is not None:
-        return data.resize
-    if isinstance(data.resolution, int):
-        return "budget"
-    if isinstance(data.resolution, tuple):
-        return "fixed"
-    return "buckets"
+    return data.resolution_spec.mode
 
 
 def round_side(x: float) -> int:
@@ -76,53 +67,26 @@ def closest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
     return int(best[1]), int(best[0])
 
 
-def auto_buckets(side: int, max_aspect: float) -> list[tuple[int, int]]:
-    """Buckets ``[h, w]`` of about ``side * side`` pixels, aspect up to ``max_aspect``, sorted by aspect."""
-    step = 64 if side >= 256 else MULTIPLE
-    area = side * side
-    out: set[tuple[int, int]] = set()
-    w = step
-    while w <= side * max_aspect:
-        h = max(step, int(round(area / w / step)) * step)
-        if max(w, h) / min(w, h) <= max_aspect:
-            out.add((h, w))
-        w += step
-    out.add((side, side))
-    return sorted(out, key=lambda hw: hw[1] / hw[0])
-
-
 def nominal_area(data: DataConfig) -> int:
     """Pixel count the resolution stands for (a bucket list: its largest bucket)."""
-    res = data.resolution
-    if isinstance(res, int):
-        return res * res
-    if isinstance(res, tuple):
-        return res[0] * res[1]
-    return max(h * w for h, w in res)
+    return data.resolution_spec.nominal_area
 
 
 def plan_size(width: int, height: int, data: DataConfig) -> Size:
     """The ``(w, h)`` a target of ``width x height`` pixels is trained at."""
-    mode = resize_mode(data)
-    res = data.resolution
-    if mode == "fixed":
-        if isinstance(res, int):
-            return res, res
-        if isinstance(res, tuple):
-            return int(res[1]), int(res[0])
-        if len(res) == 1:
-            return int(res[0][1]), int(res[0][0])
-        raise ConfigError("data.resize: 'fixed' needs data.resolution as an int or [h, w], not a list of buckets")
-    if mode == "budget":
-        if isinstance(res, list) and len(res) != 1:
+    spec = data.resolution_spec
+    if spec.mode == "fixed":
+        if spec.single is None:
+            raise ConfigError("data.resize: 'fixed' needs data.resolution as an int or [h, w], not a list of buckets")
+        return spec.single
+    if spec.mode == "budget":
+        if spec.single is None:
             raise ConfigError("data.resize: 'budget' needs data.resolution as an int or [h, w], not a list of buckets")
-        return budget_size(width, height, nominal_area(data), data.max_aspect)
-    # buckets
-    if isinstance(res, int):
-        return closest_bucket(width, height, auto_buckets(res, data.max_aspect))
-    if isinstance(res, tuple):
-        return int(res[1]), int(res[0])
-    return closest_bucket(width, height, res)
+        return budget_size(width, height, spec.nominal_area, data.max_aspect)
+    # buckets: one [h, w] is its own bucket; an int generates them, a list is them
+    if spec.form == "hw" and spec.single is not None:
+        return spec.single
+    return closest_bucket(width, height, spec.buckets(data.max_aspect))
 
 
 def plan_control_size(width: int, height: int, data: DataConfig, target: Size | None = None) -> Size:
@@ -140,13 +104,7 @@ def plan_control_size(width: int, height: int, data: DataConfig, target: Size | 
 def default_size(data: DataConfig) -> Size:
     """The ``(w, h)`` of an output with no image to plan from: the square budget, the fixed size, or the
     squarest bucket."""
-    res = data.resolution
-    if isinstance(res, int):
-        return res, res
-    if isinstance(res, tuple):
-        return int(res[1]), int(res[0])
-    h, w = min(res, key=lambda hw: (abs(math.log(hw[1] / hw[0])), -hw[0] * hw[1]))
-    return int(w), int(h)
+    return data.resolution_spec.default_size
 
 
 # --------------------------------------------------------------------------- one geometry per sample

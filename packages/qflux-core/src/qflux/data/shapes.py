@@ -176,13 +176,7 @@ def make_example(index: int, width: int, height: int) -> ShapesExample:
 
 def sample_size(index: int, data: DataConfig) -> tuple[int, int]:
     """``(w, h)`` of sample ``index`` for ``data.resolution``."""
-    res = data.resolution
-    if isinstance(res, int):
-        return res, res
-    if isinstance(res, tuple):
-        return int(res[1]), int(res[0])
-    h, w = res[index % len(res)]
-    return int(w), int(h)
+    return data.resolution_spec.size_at(index)
 
 
 def shapes_records(data: DataConfig) -> list[SampleRecord]:

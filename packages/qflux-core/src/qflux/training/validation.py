@@ -56,9 +56,7 @@ def cases_from_config(config: QfluxConfig, holdout: list[EditSample],
 
 
 def _default_size(config: QfluxConfig) -> tuple[int, int]:
-    from qflux.data.resize import default_size
-
-    return default_size(config.data)
+    return config.data.resolution_spec.default_size
 
 
 def render(hook: Any, bundle: ModelBundle, cases: list[ValidationCase]) -> list[Image.Image]:
