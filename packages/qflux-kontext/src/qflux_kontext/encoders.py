@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from qflux.plugin_api import device_of
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from diffusers import AutoencoderKL
@@ -40,7 +42,7 @@ class KontextEncoders:
 
     @property
     def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+        return device_of(self.vae)
 
     def to(self, device: Any) -> KontextEncoders:
         """Move the three modules to ``device`` (in place); returns self."""

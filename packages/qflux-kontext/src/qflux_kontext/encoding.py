@@ -12,7 +12,7 @@ the cache keeps full precision and ``Batch.to`` casts to the compute dtype):
 - ``prompt``: ``PromptEmbeds(hidden=T5 last hidden state [L, D], mask=None, pooled=CLIP pooled [P])`` with
   ``L = max_sequence_length`` (T5 padded to it, no attention mask, as in ``FluxKontextPipeline.encode_prompt``).
 - ``empty_prompt``: the same for ``""`` when caption dropout is on.
-- ``mask`` [N]: ``EditSample.mask`` (white = edited) in [0, 1] -> ``qflux.loss.mask_to_tokens``.
+- ``mask`` [N]: ``EditSample.mask`` (white = edited) in [0, 1] -> ``mask_to_tokens`` (``qflux.plugin_api``).
 
 Encoder calls are batched: unique prompts (plus ``""``) in CLIP and T5 calls of up to ``PROMPT_CHUNK``,
 images of equal size in VAE calls of up to ``VAE_CHUNK``.
@@ -26,16 +26,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from qflux.errors import UserError
-from qflux.loss import mask_to_tokens
-from qflux.types import EncodedSample, PromptEmbeds
+from qflux.plugin_api import EncodedSample, PromptEmbeds, UserError, device_of, mask_to_tokens
 from qflux_kontext.packing import pack_latents, token_grid
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
-    from qflux.config.schema import ModelConfig
-    from qflux.types import EditSample
+    from qflux.plugin_api import EditSample, ModelConfig
     from qflux_kontext.encoders import KontextEncoders
 
 log = logging.getLogger(__name__)
@@ -54,10 +51,6 @@ def sequence_length(encoders: KontextEncoders, model: ModelConfig) -> int:
     return n
 
 
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 @torch.no_grad()
 def encode_prompts(
     encoders: KontextEncoders, prompts: list[str], max_sequence_length: int
@@ -68,7 +61,7 @@ def encode_prompts(
     ids = tok(
         prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    pooled = te(ids.to(_device(te)), output_hidden_states=False).pooler_output.to(te.dtype)
+    pooled = te(ids.to(device_of(te)), output_hidden_states=False).pooler_output.to(te.dtype)
 
     tok2, te2 = encoders.tokenizer_2, encoders.text_encoder_2
     ids2 = tok2(
@@ -83,7 +76,7 @@ def encode_prompts(
             max_sequence_length,
             cut[0][:80],
         )
-    hidden = te2(ids2.to(_device(te2)), output_hidden_states=False)[0].to(te2.dtype)
+    hidden = te2(ids2.to(device_of(te2)), output_hidden_states=False)[0].to(te2.dtype)
     return hidden, pooled
 
 
@@ -102,7 +95,7 @@ def encode_images(encoders: KontextEncoders, images: list[Image]) -> list[torch.
     processor = VaeImageProcessor(vae_scale_factor=encoders.vae_factor * 2)
     shift = vae.config.shift_factor or 0.0
     scale = vae.config.scaling_factor
-    device = _device(vae)
+    device = device_of(vae)
     out: list[torch.Tensor | None] = [None] * len(images)
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):

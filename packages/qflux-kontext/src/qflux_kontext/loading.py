@@ -9,113 +9,46 @@ pickled ``.bin`` weights is refused, never unpickled). The transformer and the e
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from qflux.errors import UserError
-from qflux.model_source import is_tiny, resolve_source, torch_dtype
-from qflux_kontext.tiny import TINY_ID
+from qflux.plugin_api import (
+    TINY_ID,
+    Component,
+    ModelFamily,
+    check_model,
+    frozen,
+    guarded_load,
+    is_tiny,
+    read_component_config,
+    resolve_source,
+    torch_dtype,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qflux.config.schema import ModelConfig
+    import torch
+
+    from qflux.plugin_api import ModelConfig
     from qflux_kontext.encoders import KontextEncoders
 
-log = logging.getLogger(__name__)
-
-# component -> (config file, key, accepted values, what it should be)
-CONFIG_CHECKS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
-    "transformer": ("config.json", "_class_name", ("FluxTransformer2DModel",), "FluxTransformer2DModel"),
-    "vae": ("config.json", "_class_name", ("AutoencoderKL",), "AutoencoderKL"),
-    "scheduler": (
-        "scheduler_config.json",
-        "_class_name",
-        ("FlowMatchEulerDiscreteScheduler",),
-        "FlowMatchEulerDiscreteScheduler",
-    ),
-    "text_encoder": ("config.json", "model_type", ("clip_text_model", "clip"), "a CLIP text model"),
-    "text_encoder_2": ("config.json", "model_type", ("t5",), "a T5 encoder"),
-}
-TOKENIZERS = ("tokenizer", "tokenizer_2")
 KONTEXT_PIPELINE = "FluxKontextPipeline"
-
-
-def _read_config(source: str, component: str, filename: str, revision: str | None) -> dict[str, Any]:
-    if os.path.isdir(source):
-        file = Path(source) / component / filename
-        if not file.is_file():
-            raise UserError(
-                f"model.pretrained '{source}' is missing the component '{component}' ({component}/{filename} "
-                f"not found); a FLUX.1 Kontext diffusers folder has transformer/, vae/, text_encoder/, "
-                f"text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/"
-            )
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            file = Path(hf_hub_download(source, filename, subfolder=component, revision=revision))
-        except (OSError, ValueError) as err:
-            raise UserError(
-                f"model.pretrained '{source}': cannot read {component}/{filename} from the hub "
-                f"(revision {revision or 'main'}): {type(err).__name__}: {err}; check the connection and that "
-                f"your token (HF_TOKEN or `hf auth login`) has access to the repo, or download it "
-                f"(`hf download {source} --local-dir DIR`) and set model.pretrained to DIR"
-            ) from err
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.pretrained '{source}': {component}/{filename} is not valid JSON: {err}") from err
-
-
-def check_components(source: str, components: tuple[str, ...], revision: str | None = None) -> None:
-    """Raise ``UserError`` when ``source`` lacks one of ``components`` or one belongs to another model."""
-    if os.path.isdir(source):
-        index = Path(source) / "model_index.json"
-        if index.is_file():
-            try:
-                pipeline = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-            except ValueError:
-                pipeline = ""
-            if pipeline and not pipeline.startswith("Flux"):
-                raise UserError(
-                    f"model.pretrained '{source}' is a {pipeline} folder, not FLUX.1 Kontext "
-                    f"(model_index.json); the kontext trainer needs a {KONTEXT_PIPELINE} folder"
-                )
-            if pipeline and pipeline != KONTEXT_PIPELINE:
-                log.warning("model.pretrained '%s' is a %s folder, not %s", source, pipeline, KONTEXT_PIPELINE)
-    for component in components:
-        if component in TOKENIZERS:
-            if os.path.isdir(source) and not (Path(source) / component).is_dir():
-                raise UserError(f"model.pretrained '{source}' is missing the component '{component}' (no {component}/)")
-            continue
-        filename, key, accepted, expected = CONFIG_CHECKS[component]
-        config = _read_config(source, component, filename, revision)
-        found = config.get(key)
-        if found not in accepted:
-            raise UserError(
-                f"model.pretrained '{source}' is not a FLUX.1 Kontext model: {component}/{filename} has "
-                f"{key} {found!r}, expected {expected}"
-            )
-
-
-def _frozen(module: torch.nn.Module) -> torch.nn.Module:
-    return module.eval().requires_grad_(False)
-
-
-def _loading(source: str, component: str, load):
-    try:
-        return load()
-    except OSError as err:
-        raise UserError(f"model.pretrained '{source}': cannot load {component}: {err}") from err
-    except RuntimeError as err:
-        if "GPU" not in str(err):  # only diffusers' "a GPU is needed" refusals (pre-quantized weights) are user errors
-            raise
-        raise UserError(f"model.pretrained '{source}': {component} holds pre-quantized weights that need a GPU to "
-                        f"load ({err}); on CPU, load the unquantized model and set model.quantize instead") from err
+FAMILY = ModelFamily(
+    name="FLUX.1 Kontext",
+    pipeline=KONTEXT_PIPELINE,
+    pipeline_prefix="Flux",
+    trainer="kontext",
+    layout="a FLUX.1 Kontext diffusers folder has transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
+    "tokenizer_2/ and scheduler/",
+    components={
+        "transformer": Component(accepted=("FluxTransformer2DModel",)),
+        "vae": Component(accepted=("AutoencoderKL",)),
+        "scheduler": Component(files=("scheduler_config.json",), accepted=("FlowMatchEulerDiscreteScheduler",)),
+        "text_encoder": Component(key="model_type", accepted=("clip_text_model", "clip"), expected="a CLIP text model"),
+        "text_encoder_2": Component(key="model_type", accepted=("t5",), expected="a T5 encoder"),
+        "tokenizer": Component(files=()),  # a folder (local only), read by the tokenizer class
+        "tokenizer_2": Component(files=()),
+    },
+)
+ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 def load_transformer(model: ModelConfig) -> torch.nn.Module:
@@ -124,19 +57,15 @@ def load_transformer(model: ModelConfig) -> torch.nn.Module:
     if is_tiny(model):
         from qflux_kontext.tiny import tiny_transformer
 
-        return _frozen(torch.nn.Module.to(tiny_transformer(), dtype))
+        return frozen(tiny_transformer(), dtype)
     from diffusers import FluxTransformer2DModel
 
     source = resolve_source(model)
-    check_components(source, ("transformer",), model.revision)
-    transformer = _loading(
-        source,
-        "transformer",
-        lambda: FluxTransformer2DModel.from_pretrained(
-            source, subfolder="transformer", revision=model.revision, torch_dtype=dtype, use_safetensors=True
-        ),
+    check_model(source, FAMILY, ("transformer",), model.revision)
+    transformer = guarded_load(
+        FluxTransformer2DModel, source, "transformer", revision=model.revision, torch_dtype=dtype, use_safetensors=True
     )
-    return _frozen(transformer)
+    return frozen(transformer)
 
 
 def load_scheduler_config(model: ModelConfig) -> dict[str, Any]:
@@ -146,8 +75,8 @@ def load_scheduler_config(model: ModelConfig) -> dict[str, Any]:
 
         return dict(SCHEDULER_CONFIG)
     source = resolve_source(model)
-    check_components(source, ("scheduler",), model.revision)
-    return _read_config(source, "scheduler", "scheduler_config.json", model.revision)
+    check_model(source, FAMILY, ("scheduler",), model.revision)
+    return read_component_config(source, FAMILY, "scheduler", model.revision)
 
 
 def load_encoders(model: ModelConfig) -> KontextEncoders:
@@ -168,33 +97,18 @@ def load_encoders(model: ModelConfig) -> KontextEncoders:
 
         source = resolve_source(model)
         rev = model.revision
-        check_components(
-            source, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"), rev
-        )
-        loaders = {
-            "vae": lambda: AutoencoderKL.from_pretrained(
-                source, subfolder="vae", revision=rev, torch_dtype=dtype, use_safetensors=True
-            ),
-            "text_encoder": lambda: CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", revision=rev, dtype=dtype, use_safetensors=True
-            ),
-            "tokenizer": lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=rev),
-            "text_encoder_2": lambda: T5EncoderModel.from_pretrained(
-                source, subfolder="text_encoder_2", revision=rev, dtype=dtype, use_safetensors=True
-            ),
-            "tokenizer_2": lambda: T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_2", revision=rev),
+        check_model(source, FAMILY, ENCODER_COMPONENTS, rev)
+        weights = dict(revision=rev, use_safetensors=True)
+        parts = {
+            "vae": guarded_load(AutoencoderKL, source, "vae", torch_dtype=dtype, **weights),
+            "text_encoder": guarded_load(CLIPTextModel, source, "text_encoder", dtype=dtype, **weights),
+            "tokenizer": guarded_load(CLIPTokenizer, source, "tokenizer", revision=rev),
+            "text_encoder_2": guarded_load(T5EncoderModel, source, "text_encoder_2", dtype=dtype, **weights),
+            "tokenizer_2": guarded_load(T5TokenizerFast, source, "tokenizer_2", revision=rev),
         }
-        parts = {name: _loading(source, name, load) for name, load in loaders.items()}
-        scheduler_config = _loading(
-            source,
-            "scheduler",
-            lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", revision=rev).config,
-        )
+        scheduler_config = guarded_load(FlowMatchEulerDiscreteScheduler, source, "scheduler", revision=rev).config
     for name in ("vae", "text_encoder", "text_encoder_2"):
-        module = parts[name]
-        if module.dtype != dtype:
-            torch.nn.Module.to(module, dtype)
-        _frozen(module)
+        frozen(parts[name], dtype)
     return KontextEncoders(
         scheduler_config=dict(scheduler_config),
         max_sequence_length=min(512, int(parts["tokenizer_2"].model_max_length)),

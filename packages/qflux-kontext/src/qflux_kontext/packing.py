@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-Grid = tuple[int, int]
+from qflux.plugin_api import Grid
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

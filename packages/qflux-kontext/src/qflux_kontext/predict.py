@@ -12,30 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qflux.plugin_api import unwrap
 from qflux_kontext.packing import kontext_image_ids, text_ids
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qflux.config.schema import ModelConfig
-    from qflux.types import Batch, Grid, NoisyInput
+    from qflux.plugin_api import Batch, Grid, NoisyInput
 
 
 def transformer_config(transformer: torch.nn.Module) -> Any:
     """The diffusers config of a transformer that may be wrapped (peft, DDP / FSDP, torch.compile)."""
-    module: Any = transformer
-    for _ in range(4):
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "guidance_embeds"):
-            return config
-        inner = None
-        for attr in ("module", "_orig_mod", "base_model"):  # DDP / FSDP, torch.compile, peft
-            inner = getattr(module, attr, None)
-            if isinstance(inner, torch.nn.Module) and inner is not module:
-                break
-            inner = None
-        if inner is None:
-            break
-        module = inner
-    raise TypeError(f"{type(transformer).__name__} is not a FluxTransformer2DModel (no config.guidance_embeds)")
+    config = getattr(unwrap(transformer), "config", None)
+    if config is None or not hasattr(config, "guidance_embeds"):
+        raise TypeError(f"{type(transformer).__name__} is not a FluxTransformer2DModel (no config.guidance_embeds)")
+    return config
 
 
 def forward(
@@ -69,8 +58,9 @@ def forward(
     return out[:, :n]
 
 
-def predict(transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput, model: ModelConfig) -> torch.Tensor:
-    """``qflux_predict``: the training-step forward on ``noisy.latents`` at ``noisy.sigmas``."""
+def predict(transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput, guidance: float) -> torch.Tensor:
+    """``Trainer.predict``: the training-step forward on ``noisy.latents`` at ``noisy.sigmas``; ``guidance``: the
+    guidance embedding (``model.options.guidance``)."""
     return forward(
         transformer,
         noisy.latents,
@@ -80,5 +70,5 @@ def predict(transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput, model
         batch.grid,
         batch.controls,
         batch.control_grids,
-        model.guidance,
+        guidance,
     )

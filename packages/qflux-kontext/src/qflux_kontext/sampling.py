@@ -9,9 +9,10 @@ matches training whatever ``data.control_resolution`` chose.
 
 - no control: text-to-image; one control: ``image=controls[0]`` at its own size. Both call the pipeline.
 - two or more controls (the pipeline takes one): ``denoise`` below, a denoising loop that reuses the
-  pipeline's prompt encoder, image processor, VAE path, noise, timestep schedule (``calculate_shift``,
-  ``retrieve_timesteps``) and scheduler step, and runs the transformer through ``predict.forward``, i.e. the
-  training forward: control i gets image-id index i + 1. With one control it reproduces the pipeline.
+  pipeline's prompt encoder, image processor, VAE path, noise, timestep schedule (``flow_match_timesteps``:
+  its ``calculate_shift`` and ``retrieve_timesteps``) and scheduler step, and runs the transformer through
+  ``predict.forward``, i.e. the training forward: control i gets image-id index i + 1. With one control it
+  reproduces the pipeline.
   It is also used when the transformer's dtype differs from the encoders' (the pipeline assumes one dtype).
 
 The encoders are moved to the transformer's device for the call and moved back after; the transformer is put
@@ -24,10 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from qflux.errors import UserError
+from qflux.plugin_api import UserError, compute_dtype, device_of, eval_mode, flow_match_timesteps
 from qflux_kontext.encoding import encode_prompts, sequence_length
 from qflux_kontext.packing import pack_latents, token_grid, unpack_latents
 from qflux_kontext.predict import forward
@@ -35,22 +35,8 @@ from qflux_kontext.predict import forward
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
-    from qflux.types import ModelBundle, SampleRequest
+    from qflux.plugin_api import ModelBundle, SampleRequest
     from qflux_kontext.encoders import KontextEncoders
-
-
-def compute_dtype(transformer: torch.nn.Module) -> torch.dtype:
-    dtype = getattr(transformer, "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    for p in transformer.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def build_pipeline(transformer: torch.nn.Module, encoders: KontextEncoders):
@@ -72,16 +58,15 @@ def build_pipeline(transformer: torch.nn.Module, encoders: KontextEncoders):
 
 @contextmanager
 def _prepared(transformer: torch.nn.Module, encoders: KontextEncoders) -> Iterator[None]:
-    device = _device(transformer)
+    """The encoders on the transformer's device and the transformer in eval mode, for the block."""
+    device = device_of(transformer)
     home = encoders.device
-    training = transformer.training
     if home != device:
         encoders.to(device)
-    transformer.eval()
     try:
-        yield
+        with eval_mode(transformer):
+            yield
     finally:
-        transformer.train(training)
         if home != device:
             encoders.to(home)
 
@@ -94,11 +79,10 @@ def _control_size(image: Image, multiple: int) -> tuple[int, int]:
 @torch.no_grad()
 def denoise(pipe, encoders: KontextEncoders, request: SampleRequest, max_sequence_length: int, guidance: float):
     """The pipeline's denoising loop for any number of controls (see the module docstring)."""
-    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
     from diffusers.utils.torch_utils import randn_tensor
 
     transformer = pipe.transformer
-    device, dtype = _device(transformer), compute_dtype(transformer)
+    device, dtype = device_of(transformer), compute_dtype(transformer)
     generator = torch.Generator("cpu").manual_seed(request.seed)
     factor = pipe.vae_scale_factor
     multiple = factor * 2
@@ -117,7 +101,7 @@ def denoise(pipe, encoders: KontextEncoders, request: SampleRequest, max_sequenc
     for image in request.controls:
         h, w = _control_size(image, multiple)
         pixels = pipe.image_processor.preprocess(pipe.image_processor.resize(image, h, w), h, w)
-        z = pipe._encode_vae_image(pixels.to(_device(vae), vae.dtype), generator)
+        z = pipe._encode_vae_image(pixels.to(device_of(vae), vae.dtype), generator)
         controls.append(pack_latents(z).to(device, dtype))
         control_grids.append(token_grid(h, w, factor))
 
@@ -127,17 +111,7 @@ def denoise(pipe, encoders: KontextEncoders, request: SampleRequest, max_sequenc
     latents = pack_latents(noise)
 
     scheduler = pipe.scheduler
-    steps = request.steps
-    mu = calculate_shift(
-        latents.shape[1],
-        scheduler.config.get("base_image_seq_len", 256),
-        scheduler.config.get("max_image_seq_len", 4096),
-        scheduler.config.get("base_shift", 0.5),
-        scheduler.config.get("max_shift", 1.15),
-    )
-    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    scheduler.set_begin_index(0)
-    for t in timesteps:
+    for t in flow_match_timesteps(scheduler, request.steps, latents.shape[1], device):
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
         v = forward(transformer, latents, timestep, hidden, pooled, grid, controls, control_grids, guidance)
         if cfg:
@@ -148,7 +122,7 @@ def denoise(pipe, encoders: KontextEncoders, request: SampleRequest, max_sequenc
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
 
     z = unpack_latents(latents, grid) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-    image = vae.decode(z.to(_device(vae), vae.dtype), return_dict=False)[0]
+    image = vae.decode(z.to(device_of(vae), vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 

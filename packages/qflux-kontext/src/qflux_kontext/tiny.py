@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from qflux.model_source import TINY_ID  # noqa: F401  (re-exported: the id of these tiny models)
+from qflux.plugin_api import TINY_ID  # noqa: F401  (re-exported: the id of these tiny models)
 
 TRANSFORMER_CONFIG: dict[str, Any] = dict(
     patch_size=1,

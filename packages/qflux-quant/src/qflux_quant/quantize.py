@@ -38,16 +38,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from qflux.errors import ConfigError, UserError
+from qflux.plugin_api import ConfigError, UserError, torch_dtype
 from qflux_quant.fp8 import FP8_DTYPE, Float8Linear
 from qflux_quant.methods import METHODS, MIN_BITSANDBYTES
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qflux.config.schema import ModelConfig
+    from qflux.plugin_api import ModelConfig
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold (BitsAndBytesConfig's default llm_int8_threshold)
 WARN_KEPT_FRACTION = 0.25  # warn when quantize_skip keeps more than this share of the linear weights
 # top-level Linear layers projecting the latents / text features into the model width (FLUX, Qwen-Image)
@@ -111,11 +110,9 @@ def import_bitsandbytes(method: str) -> Any:
 def check_supported(method: str, model: ModelConfig) -> None:
     """Raise a ``UserError`` for a method that cannot run here or with this config. Cheap; touches no model.
 
-    Called before the transformer is loaded (see ``plugin.qflux_load_transformer``) and again before quantizing.
+    Called by preflight (``MethodQuantizer.check``), before anything is encoded or loaded, and again before quantizing.
     """
     info = METHODS[method]
-    if model.dtype not in DTYPES:  # pragma: no cover - the schema already restricts it
-        raise ConfigError(f"model.dtype: {model.dtype!r} is not a dtype qflux-quant can compute in")
     if info.backend == "bitsandbytes":
         import_bitsandbytes(method)
     elif method == "fp8":
@@ -125,7 +122,8 @@ def check_supported(method: str, model: ModelConfig) -> None:
                 "has none: upgrade torch or choose nf4, fp4 or int8"
             )
         try:
-            torch.ones(2, dtype=DTYPES[model.dtype]).to(FP8_DTYPE).to(DTYPES[model.dtype])
+            dtype = torch_dtype(model)
+            torch.ones(2, dtype=dtype).to(FP8_DTYPE).to(dtype)
         except Exception as err:  # noqa: BLE001
             raise UserError(
                 f"model.quantize: fp8: this torch {torch.__version__} cannot convert float8_e4m3fn to "
@@ -311,7 +309,7 @@ def quantize_transformer(transformer: nn.Module, method: str, model: ModelConfig
             f"model.quantize_skip: the patterns {list(model.quantize_skip)} leave no linear layer of "
             f"{type(transformer).__name__} to quantize with {method}; shorten the list"
         )
-    dtype = DTYPES[model.dtype]
+    dtype = torch_dtype(model)
     if method == "int8":
         _quiet_int8_cast_warning()
         if dtype != torch.float16:

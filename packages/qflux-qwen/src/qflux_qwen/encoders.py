@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from qflux.plugin_api import device_of
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from diffusers import AutoencoderKLQwenImage, DiffusionPipeline
@@ -42,7 +44,7 @@ class QwenEncoders:
 
     @property
     def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+        return device_of(self.vae)
 
     def to(self, device: Any) -> QwenEncoders:
         """Move the VAE and the text encoder to ``device`` (in place); returns self."""

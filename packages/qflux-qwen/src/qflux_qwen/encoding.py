@@ -12,7 +12,7 @@ cache keeps full precision and ``Batch.to`` casts to the compute dtype):
   Qwen2.5-VL over the pipeline's chat template, with the control image(s) as vision input and the template
   prefix dropped (``prompt_template_encode_start_idx``) — the pipeline's ``_get_qwen_prompt_embeds``.
 - ``empty_prompt``: the same for ``""`` (with the same control images) when caption dropout is on.
-- ``mask`` [N]: ``EditSample.mask`` (white = edited) in [0, 1] -> ``qflux.loss.mask_to_tokens``.
+- ``mask`` [N]: ``EditSample.mask`` (white = edited) in [0, 1] -> ``mask_to_tokens`` (``qflux.plugin_api``).
 
 Sizes are the data stage's job (``TrainerInfo.condition_sizing``, ``data.control_resolution`` /
 ``data.vl_resolution``): every image is encoded at the size it is given. The VL encoder sees
@@ -35,16 +35,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from qflux.errors import UserError
-from qflux.loss import mask_to_tokens
-from qflux.types import EncodedSample, PromptEmbeds
+from qflux.plugin_api import EncodedSample, PromptEmbeds, UserError, device_of, mask_to_tokens
 from qflux_qwen.variants import QwenVariant
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
-    from qflux.config.schema import ModelConfig
-    from qflux.types import EditSample, Grid
+    from qflux.plugin_api import EditSample, Grid, ModelConfig
     from qflux_qwen.encoders import QwenEncoders
 
 log = logging.getLogger(__name__)
@@ -52,10 +49,6 @@ log = logging.getLogger(__name__)
 EDIT_PIPELINE = "QwenImageEditPipeline"
 PLUS_PIPELINE = "QwenImageEditPlusPipeline"
 MAX_SEQUENCE_LENGTH = 1024  # the pipelines' limit (check_inputs)
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def vl_images(variant: QwenVariant, controls: list[Image], image_processor: Any) -> list[Image]:
@@ -98,7 +91,7 @@ def encode_prompt(
     else:
         image = controls[0]
     te = encoders.text_encoder
-    hidden, mask = pipe._get_qwen_prompt_embeds(prompt, image=image, device=_device(te), dtype=te.dtype)
+    hidden, mask = pipe._get_qwen_prompt_embeds(prompt, image=image, device=device_of(te), dtype=te.dtype)
     if max_sequence_length is not None and hidden.shape[1] > max_sequence_length:
         log.warning(
             "prompt of %d tokens (template, image tokens and text) cut to model.max_sequence_length=%d: %r",
@@ -120,7 +113,7 @@ def encode_image(encoders: QwenEncoders, image: Image, pipe: Any = None) -> tupl
     vae = encoders.vae
     width, height = image.size
     pixels = pipe.image_processor.preprocess(image.convert("RGB"), height=height, width=width).unsqueeze(2)
-    latents = pipe._encode_vae_image(pixels.to(_device(vae), vae.dtype), generator=None)  # [1, z, 1, h, w]
+    latents = pipe._encode_vae_image(pixels.to(device_of(vae), vae.dtype), generator=None)  # [1, z, 1, h, w]
     channels, lat_h, lat_w = latents.shape[1], latents.shape[3], latents.shape[4]
     packed = pipe._pack_latents(latents, 1, channels, lat_h, lat_w)
     return packed, (lat_h // 2, lat_w // 2)

@@ -12,133 +12,56 @@ every hub read; remote code is never trusted. The transformer and the encoders a
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
-from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from qflux.errors import UserError
-from qflux.model_source import is_tiny, resolve_source, torch_dtype
-from qflux_qwen.tiny import TINY_ID
+from qflux.plugin_api import (
+    TINY_ID,
+    Component,
+    ModelFamily,
+    UserError,
+    check_model,
+    frozen,
+    guarded_load,
+    is_tiny,
+    read_component_config,
+    resolve_source,
+    torch_dtype,
+)
 from qflux_qwen.variants import QwenVariant
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qflux.config.schema import ModelConfig
+    import torch
+
+    from qflux.plugin_api import ModelConfig
     from qflux_qwen.encoders import QwenEncoders
 
 log = logging.getLogger(__name__)
 
-LAYOUT = "a Qwen-Image-Edit diffusers folder has transformer/, vae/, text_encoder/, tokenizer/, processor/ and scheduler/"
-
-# component -> (config files (first found is read), key, accepted values, what it should be)
-CONFIG_CHECKS: dict[str, tuple[tuple[str, ...], str | None, tuple[str, ...], str]] = {
-    "transformer": (("config.json",), "_class_name", ("QwenImageTransformer2DModel",), "QwenImageTransformer2DModel"),
-    "vae": (("config.json",), "_class_name", ("AutoencoderKLQwenImage",), "AutoencoderKLQwenImage"),
-    "text_encoder": (("config.json",), "model_type", ("qwen2_5_vl",), "a Qwen2.5-VL model"),
-    "scheduler": (
-        ("scheduler_config.json",),
-        "_class_name",
-        ("FlowMatchEulerDiscreteScheduler",),
-        "FlowMatchEulerDiscreteScheduler",
-    ),
-    "tokenizer": (("tokenizer_config.json", "tokenizer.json", "vocab.json"), None, (), "a Qwen2 tokenizer"),
-    "processor": (("processor_config.json", "preprocessor_config.json"), None, (), "a Qwen2-VL processor"),
-}
+MODEL_FAMILY = ModelFamily(
+    name="Qwen-Image-Edit",
+    pipeline="QwenImageEditPipeline",
+    pipeline_prefix="QwenImage",
+    layout="a Qwen-Image-Edit diffusers folder has transformer/, vae/, text_encoder/, tokenizer/, processor/ and "
+    "scheduler/",
+    components={
+        "transformer": Component(accepted=("QwenImageTransformer2DModel",)),
+        "vae": Component(accepted=("AutoencoderKLQwenImage",)),
+        "text_encoder": Component(key="model_type", accepted=("qwen2_5_vl",), expected="a Qwen2.5-VL model"),
+        "scheduler": Component(files=("scheduler_config.json",), accepted=("FlowMatchEulerDiscreteScheduler",)),
+        "tokenizer": Component(files=("tokenizer_config.json", "tokenizer.json", "vocab.json"), key=None),
+        "processor": Component(files=("processor_config.json", "preprocessor_config.json"), key=None),
+    },
+)
 ENCODER_COMPONENTS = ("vae", "text_encoder", "tokenizer", "processor", "scheduler")
 
 
-def _config_file(source: str, component: str, names: tuple[str, ...], revision: str | None) -> Path:
-    if os.path.isdir(source):
-        for name in names:
-            if (Path(source) / component / name).is_file():
-                return Path(source) / component / name
-        raise UserError(
-            f"model.pretrained '{source}' is missing the component '{component}' ({component}/{names[0]} not "
-            f"found); {LAYOUT}"
-        )
-    from huggingface_hub import hf_hub_download
-
-    errors = []
-    for name in names:
-        try:
-            return Path(hf_hub_download(source, name, subfolder=component, revision=revision))
-        except (OSError, ValueError) as err:  # huggingface_hub's errors derive from these
-            errors.append(f"{type(err).__name__}: {err}")
-    raise UserError(
-        f"model.pretrained '{source}': cannot read {component}/{names[0]} from the hub "
-        f"(revision {revision or 'main'}): {errors[0]}"
+def family_of(variant: QwenVariant) -> ModelFamily:
+    """The folder table of ``variant``: the family's components, the variant's pipeline and names."""
+    return dataclasses.replace(
+        MODEL_FAMILY, pipeline=variant.pipeline_class_name, trainer=variant.name, example=variant.default_model
     )
-
-
-def _read_json(source: str, file: Path) -> dict[str, Any]:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.pretrained '{source}': {file.name} is not valid JSON: {err}") from err
-
-
-def _model_index(source: str, revision: str | None) -> Path | None:
-    if os.path.isdir(source):
-        index = Path(source) / "model_index.json"
-        return index if index.is_file() else None
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(source, "model_index.json", revision=revision))
-    except (OSError, ValueError):  # no index (or no access): the component checks say what is wrong
-        return None
-
-
-def check_family(source: str, variant: QwenVariant, revision: str | None = None) -> None:
-    """``model_index.json`` (when there is one) must name a Qwen-Image pipeline (another one is a warning)."""
-    index = _model_index(source, revision)
-    if index is None:
-        return
-    pipeline = _read_json(source, index).get("_class_name", "")
-    if pipeline and not pipeline.startswith("QwenImage"):
-        raise UserError(
-            f"model.pretrained '{source}' is a {pipeline} folder, not Qwen-Image (model_index.json); the "
-            f"{variant.name} trainer needs a {variant.pipeline_class_name} folder such as {variant.default_model}"
-        )
-    if pipeline and pipeline != variant.pipeline_class_name:
-        log.warning(
-            "model.pretrained '%s' is a %s folder; the %s trainer expects %s",
-            source, pipeline, variant.name, variant.pipeline_class_name,
-        )
-
-
-def check_components(source: str, components: tuple[str, ...], variant: QwenVariant, revision: str | None = None) -> None:
-    """Raise ``UserError`` when ``source`` is another family, lacks one of ``components`` or has one of another
-    model. Reads only the small config files."""
-    check_family(source, variant, revision)
-    for component in components:
-        names, key, accepted, expected = CONFIG_CHECKS[component]
-        file = _config_file(source, component, names, revision)
-        if key is None:
-            continue
-        found = _read_json(source, file).get(key)
-        if found not in accepted:
-            raise UserError(
-                f"model.pretrained '{source}' is not a Qwen-Image-Edit model: {component}/{file.name} has "
-                f"{key} {found!r}, expected {expected}"
-            )
-
-
-def _frozen(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
-        torch.nn.Module.to(module, dtype)
-    return module.eval().requires_grad_(False)
-
-
-def _loading(source: str, component: str, load: Callable[[], Any]) -> Any:
-    try:
-        return load()
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.pretrained '{source}': cannot load {component}: {err}") from err
 
 
 MIN_DIFFUSERS = "0.38"
@@ -194,15 +117,16 @@ def load_transformer(variant: QwenVariant, model: ModelConfig) -> torch.nn.Modul
         from diffusers import QwenImageTransformer2DModel
 
         source = resolve_source(model)
-        check_components(source, ("transformer",), variant, model.revision)
+        check_model(source, family_of(variant), ("transformer",), model.revision)
         overrides = {"zero_cond_t": True} if variant.zero_cond_t else {}
-        transformer = _loading(
+        transformer = guarded_load(
+            QwenImageTransformer2DModel,
             source,
             "transformer",
-            lambda: QwenImageTransformer2DModel.from_pretrained(
-                source, subfolder="transformer", revision=model.revision, torch_dtype=dtype, use_safetensors=True,
-                **overrides
-            ),
+            revision=model.revision,
+            torch_dtype=dtype,
+            use_safetensors=True,
+            **overrides,
         )
         if transformer.config.zero_cond_t and not variant.zero_cond_t:
             log.warning(
@@ -211,7 +135,7 @@ def load_transformer(variant: QwenVariant, model: ModelConfig) -> torch.nn.Modul
             )
     if variant.zero_cond_t and not getattr(transformer, "zero_cond_t", False):
         enable_zero_cond_t(transformer)
-    return _frozen(transformer, dtype)
+    return frozen(transformer, dtype)
 
 
 def load_scheduler_config(variant: QwenVariant, model: ModelConfig) -> dict[str, Any]:
@@ -221,9 +145,9 @@ def load_scheduler_config(variant: QwenVariant, model: ModelConfig) -> dict[str,
 
         return dict(SCHEDULER_CONFIG)
     source = resolve_source(model)
-    check_components(source, ("scheduler",), variant, model.revision)
-    names = CONFIG_CHECKS["scheduler"][0]
-    return _read_json(source, _config_file(source, "scheduler", names, model.revision))
+    family = family_of(variant)
+    check_model(source, family, ("scheduler",), model.revision)
+    return read_component_config(source, family, "scheduler", model.revision)
 
 
 def load_encoders(variant: QwenVariant, model: ModelConfig) -> QwenEncoders:
@@ -242,23 +166,19 @@ def load_encoders(variant: QwenVariant, model: ModelConfig) -> QwenEncoders:
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
 
         source, revision = resolve_source(model), model.revision
-        check_components(source, ENCODER_COMPONENTS, variant, revision)
-        loaders: dict[str, Callable[[], Any]] = {
-            "vae": lambda: AutoencoderKLQwenImage.from_pretrained(
-                source, subfolder="vae", revision=revision, torch_dtype=dtype, use_safetensors=True
+        check_model(source, family_of(variant), ENCODER_COMPONENTS, revision)
+        weights = dict(revision=revision, use_safetensors=True)
+        parts = {
+            "vae": guarded_load(AutoencoderKLQwenImage, source, "vae", torch_dtype=dtype, **weights),
+            "text_encoder": guarded_load(
+                Qwen2_5_VLForConditionalGeneration, source, "text_encoder", dtype=dtype, **weights
             ),
-            "text_encoder": lambda: Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                source, subfolder="text_encoder", revision=revision, dtype=dtype, use_safetensors=True
-            ),
-            "tokenizer": lambda: Qwen2Tokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision),
-            "processor": lambda: Qwen2VLProcessor.from_pretrained(source, subfolder="processor", revision=revision),
-            "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
-                source, subfolder="scheduler", revision=revision
-            ),
+            "tokenizer": guarded_load(Qwen2Tokenizer, source, "tokenizer", revision=revision),
+            "processor": guarded_load(Qwen2VLProcessor, source, "processor", revision=revision),
+            "scheduler": guarded_load(FlowMatchEulerDiscreteScheduler, source, "scheduler", revision=revision),
         }
-        parts = {name: _loading(source, name, load) for name, load in loaders.items()}
     for name in ("vae", "text_encoder"):
-        _frozen(parts[name], dtype)
+        frozen(parts[name], dtype)
     return QwenEncoders(
         vae=parts["vae"],
         text_encoder=parts["text_encoder"],

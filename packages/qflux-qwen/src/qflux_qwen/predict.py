@@ -21,21 +21,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qflux.plugin_api import compute_dtype, unwrap
 from qflux_qwen.variants import QwenVariant
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qflux.types import Batch, Grid, NoisyInput
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP / FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    seen = 0
-    while seen < 8:
-        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return module
-        module, seen = inner, seen + 1
-    return module
+    from qflux.plugin_api import Batch, Grid, NoisyInput
 
 
 def img_shapes(grid: Grid, control_grids: list[Grid], batch_size: int) -> list[list[tuple[int, int, int]]]:
@@ -45,16 +35,8 @@ def img_shapes(grid: Grid, control_grids: list[Grid], batch_size: int) -> list[l
 
 
 def input_dtype(transformer: torch.nn.Module, device_type: str = "cpu") -> torch.dtype | None:
-    """The dtype inputs are cast to (None under autocast, which casts by itself): the model's dtype."""
-    if torch.is_autocast_enabled(device_type):
-        return None
-    dtype = getattr(unwrap(transformer), "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    for p in transformer.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
+    """The dtype inputs are cast to (None under autocast, which casts by itself): the model's compute dtype."""
+    return None if torch.is_autocast_enabled(device_type) else compute_dtype(transformer)
 
 
 def prompt_mask(mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -15,37 +15,20 @@ image depends on the seed only, whatever the device.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from qflux.errors import UserError
+from qflux.plugin_api import UserError, device_of, eval_mode, flow_match_timesteps, unwrap
 from qflux_qwen.encoding import check_size, encode_image, encode_prompt
-from qflux_qwen.predict import check_zero_cond_t, forward, unwrap
+from qflux_qwen.predict import check_zero_cond_t, forward
 from qflux_qwen.variants import QwenVariant
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
-    from qflux.types import ModelBundle, SampleRequest
+    from qflux.plugin_api import ModelBundle, SampleRequest
     from qflux_qwen.encoders import QwenEncoders
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-@contextmanager
-def _eval(module: torch.nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _check(variant: QwenVariant, request: SampleRequest) -> tuple[int, int]:
@@ -85,7 +68,7 @@ def fresh_scheduler(config: dict[str, Any], steps: int) -> Any:
 def decode(pipe: Any, latents: torch.Tensor, height: int, width: int) -> Image:
     """Packed normalised latents [1, N, C] -> PIL image (the pipelines' decode)."""
     vae = pipe.vae
-    z = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(_device(vae), vae.dtype)
+    z = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(device_of(vae), vae.dtype)
     channels = vae.config.z_dim
     mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1, 1).to(z.device, z.dtype)
     std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1, 1).to(z.device, z.dtype)
@@ -95,13 +78,11 @@ def decode(pipe: Any, latents: torch.Tensor, height: int, width: int) -> Image:
 
 @torch.no_grad()
 def sample(variant: QwenVariant, bundle: ModelBundle, request: SampleRequest) -> Image:
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift, retrieve_timesteps
-
     height, width = _check(variant, request)
     encoders = _encoders(variant, bundle)
     transformer = bundle.transformer
     check_zero_cond_t(variant, transformer)
-    device = _device(transformer)
+    device = device_of(transformer)
     scheduler = fresh_scheduler(encoders.scheduler_config, request.steps)
     pipe = encoders.pipeline(variant.pipeline_class_name, transformer=unwrap(transformer), scheduler=scheduler)
     max_len = bundle.model.max_sequence_length
@@ -109,7 +90,7 @@ def sample(variant: QwenVariant, bundle: ModelBundle, request: SampleRequest) ->
     controls = [c.convert("RGB") for c in request.controls]
     vl = [c.convert("RGB") for c in request.vl_controls]
 
-    with _eval(transformer):
+    with eval_mode(transformer):
         hidden, mask = encode_prompt(variant, encoders, request.prompt, controls, max_len, pipelines, vl)
         do_cfg = request.true_cfg > 1.0
         if do_cfg:
@@ -130,18 +111,7 @@ def sample(variant: QwenVariant, bundle: ModelBundle, request: SampleRequest) ->
         latents = latents.to(device)
         grid = (height // 16, width // 16)
 
-        steps = int(request.steps)
-        mu = calculate_shift(
-            latents.shape[1],
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        timesteps, _ = retrieve_timesteps(
-            scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu
-        )
-        scheduler.set_begin_index(0)
+        timesteps = flow_match_timesteps(scheduler, int(request.steps), latents.shape[1], device)
         for t in timesteps:
             sigma = (t / 1000).expand(1).to(device)
             pred = forward(transformer, latents, sigma, hidden, mask, control_latents, grid, control_grids).float()

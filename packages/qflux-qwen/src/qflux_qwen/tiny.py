@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from qflux.model_source import TINY_ID  # noqa: F401  (re-exported: the id of these tiny models)
+from qflux.plugin_api import TINY_ID  # noqa: F401  (re-exported: the id of these tiny models)
 from qflux_qwen.variants import QwenVariant, variant_named
 
 TRANSFORMER_CONFIG: dict[str, Any] = dict(
