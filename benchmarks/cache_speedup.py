@@ -4,7 +4,7 @@ Same model and data as ``step_overhead.py``: a ~9.4 M-parameter Kontext-shaped `
 LoRA r16, the ``builtin:tiny`` encoders (CLIP + T5 + VAE), ``builtin:shapes`` at 256x256 (256 target + 256
 control tokens), batch 1, float32 on CPU. Prints:
 
-- cache build: ``qflux.cache.build.build_cache`` over the dataset, samples/s (with and without the encoders'
+- cache build: ``qflux.run.cache.build_cache`` over the dataset, samples/s (with and without the encoders'
   load time, which the benchmark plugin measures);
 - steps/s, three variants timed interleaved in rounds (the order rotates each round):
     cached    each step reads its sample from the cache (``EmbeddingCache.get``: read, sha256 check, decode),
@@ -13,7 +13,7 @@ control tokens), batch 1, float32 on CPU. Prints:
     uncached  each step decodes, resizes and encodes its sample (``load_sample`` + ``qflux_encode``), then the
               same step body: what a trainer without a cache does;
     bare      forward, MSE, backward, AdamW on prepared tensors (the limit, ``step_overhead.BareStep``);
-- real runs of ``qflux.training.loop.train``, each in its own subprocess: cache complete vs cache disabled;
+- real runs of ``qflux.run.train.train``, each in its own subprocess: cache complete vs cache disabled;
   peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss`` in the child, after ``train`` returns), how often
   ``qflux_load_encoders`` was called (a counting hook wrapper: the proof that a cached run loads no encoder),
   and the loop's own steps/s from ``metrics.jsonl`` (median step interval);
@@ -44,8 +44,6 @@ from pathlib import Path
 
 import torch
 
-from qflux import hookimpl
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_overhead as so  # noqa: E402 - the shared model, config and step definitions
 
@@ -55,18 +53,17 @@ TARGET_READ_MS = 2.0
 
 
 class TimedBenchPlugin(so.BenchPlugin):
-    """``BenchPlugin`` that also times each ``qflux_load_encoders`` call."""
+    """``BenchPlugin`` that also times each ``Trainer.load_encoders`` call."""
 
     def __init__(self) -> None:
         super().__init__()
         self.encoder_load_s = 0.0
 
-    @hookimpl(wrapper=True)
-    def qflux_load_encoders(self, trainer, model):
+    def load_encoders(self, inner, model):
         self.encoder_loads += 1
         t0 = time.perf_counter()
         try:
-            return (yield)
+            return inner(model)
         finally:
             self.encoder_load_s += time.perf_counter() - t0
 
@@ -97,8 +94,8 @@ def child(tmp: Path, cached: bool, steps: int, threads: int) -> None:
     from rich.console import Console
 
     from qflux.config import load_config
-    from qflux.plugins import build_registry
-    from qflux.training.loop import train
+    from qflux.run.train import train
+    from qflux.testing import spied_registry
     from qflux.training.metrics import read_metrics
 
     rss_start = rss_mib()
@@ -107,7 +104,7 @@ def child(tmp: Path, cached: bool, steps: int, threads: int) -> None:
         f"cache.enabled={'true' if cached else 'false'}", f"train.max_steps={steps}",
         f"output.dir={tmp / ('run-' + name)}"])
     plugin = so.BenchPlugin()
-    registry = build_registry(extra_plugins=[("bench", plugin)])
+    registry = spied_registry(plugin, trainer="kontext")
     t0 = time.perf_counter()
     train(config, registry=registry, console=Console(stderr=True, quiet=True))
     wall = time.perf_counter() - t0
@@ -117,8 +114,8 @@ def child(tmp: Path, cached: bool, steps: int, threads: int) -> None:
     out = {"peak_rss_mib": peak, "vm_hwm_mib": hwm, "rss_after_imports_mib": rss_start,
            "encoder_loads": plugin.encoder_loads, "steps_per_s": 1 / statistics.median(intervals), "wall_s": wall}
     if cached:  # the bare loop right after, in the same process (sequential, so only a rough comparison)
-        from qflux.cache.build import open_cache
-        from qflux.training.lora import attach_lora
+        from qflux.adapters.lora_files import attach_lora
+        from qflux.run.cache import open_cache
 
         cache, _ = open_cache(config, registry, Console(quiet=True))
         transformer = so.bench_transformer().train()
@@ -202,14 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from qflux.cache import entry_key
-    from qflux.cache.build import build_cache, open_cache
     from qflux.data import open_records
-    from qflux.plugins import build_registry
+    from qflux.run.cache import build_cache, open_cache
+    from qflux.testing import spied_registry
 
     tmp = Path(tempfile.mkdtemp(prefix="qflux-cache-bench-"))
     config = so.load_bench_config(tmp, cache=True, num_samples=args.samples, max_steps=args.steps)
     plugin = TimedBenchPlugin()
-    registry = build_registry(extra_plugins=[("bench", plugin)])
+    registry = spied_registry(plugin, trainer="kontext")
     hook, trainer = registry.hook, registry.trainer(config.trainer)
     quiet = Console(stderr=True, quiet=True)
 
@@ -236,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     entry_kib = cache.path_of(keys[0]).stat().st_size / 1024
 
     # ---- steps/s: cached / uncached / bare, interleaved
-    encoders = hook.qflux_load_encoders(trainer=trainer, model=config.model)
+    encoders = trainer.load_encoders(config.model)
     samples = [cache.get(k) for k in keys]
     qflux = so.QfluxStep(config, registry)
     bare = so.BareStep(qflux.module, qflux.params, samples[0], config.train.lr)

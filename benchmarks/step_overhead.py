@@ -6,11 +6,11 @@ batch 1, a 256x256 target plus one 256x256 control (256 + 256 image tokens, 32 T
 
 (a) data + encoding, per sample: ``load_sample`` (decode, resize) + ``qflux_encode`` through the kontext hooks
     with the ``builtin:tiny`` encoders (CLIP + T5 + VAE). A cached run pays this once per sample, not per step.
-(b) qflux's transformer part: the body of ``qflux.training.loop.train`` per optimizer step, line for line:
+(b) qflux's transformer part: the body of ``qflux.run.train.train`` per optimizer step, line for line:
     per-sample generators -> caption dropout -> ``collate`` -> ``Batch.to`` -> ``accelerator.accumulate`` /
     ``autocast`` -> ``training_loss`` (sigma and noise, ``qflux_predict`` and ``qflux_loss`` hooks) ->
     ``float(loss)`` + finiteness check -> ``accelerator.backward`` -> ``accelerator.clip_grad_norm_`` ->
-    ``optimizer.step`` -> ``zero_grad`` -> ``lr_scheduler.step``; LoRA from ``qflux.training.lora.attach_lora``, optimizer and scheduler from
+    ``optimizer.step`` -> ``zero_grad`` -> ``lr_scheduler.step``; LoRA from ``qflux.adapters.lora_files.attach_lora``, optimizer and scheduler from
     ``qflux.training.optim``, transformer and optimizer through ``accelerator.prepare`` as the loop does.
 (c) a bare loop on the same transformer object (same LoRA parameters, its own ``torch.optim.AdamW``) and the
     same prepared tensors: precomputed noisy input, target, ids, timestep and guidance; forward, MSE on the
@@ -41,8 +41,6 @@ from typing import Any
 
 import torch
 
-from qflux import hookimpl
-
 RESOLUTION = 256  # target and control side in pixels: (256 / 16)^2 = 256 tokens each
 TARGET_RATIO = 1.10
 
@@ -66,22 +64,18 @@ def bench_transformer() -> torch.nn.Module:
 
 
 class BenchPlugin:
-    """In-process plugin: hands the loop the widened transformer (tryfirst, so it wins over the kontext
-    plugin's ``builtin:tiny`` one) and counts ``qflux_load_encoders`` calls (a wrapper: it loads nothing)."""
+    """A spy on the kontext trainer (``qflux.testing.spied_registry``): hands the loop the widened transformer
+    instead of the ``builtin:tiny`` one and counts ``Trainer.load_encoders`` calls (it loads nothing itself)."""
 
     def __init__(self) -> None:
         self.encoder_loads = 0
 
-    @hookimpl(tryfirst=True)
-    def qflux_load_transformer(self, trainer, model):
-        if trainer.name != "kontext":
-            return None
+    def load_transformer(self, inner, model):
         return bench_transformer().to(getattr(torch, model.dtype))
 
-    @hookimpl(wrapper=True)
-    def qflux_load_encoders(self, trainer, model):
+    def load_encoders(self, inner, model):
         self.encoder_loads += 1
-        return (yield)
+        return inner(model)
 
 
 def bench_config_dict(tmp: Path, *, cache: bool, num_samples: int = 8, max_steps: int = 1000,
@@ -115,20 +109,20 @@ def load_bench_config(tmp: Path, **kwargs: Any):
 
 
 class QfluxStep:
-    """The training loop's per-step body (``qflux.training.loop.train``: the same ``micro_step``), on its own
+    """The training loop's per-step body (``qflux.run.train.train``: the same ``micro_step``), on its own
     prepared objects."""
 
     def __init__(self, config, registry) -> None:
         from accelerate import Accelerator
 
-        from qflux.training.lora import attach_lora
+        from qflux.adapters.lora_files import attach_lora
         from qflux.training.optim import build_lr_scheduler, build_optimizer
 
         self.config, self.hook = config, registry.hook
         self.trainer = registry.trainer(config.trainer)
         self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                                        gradient_accumulation_steps=config.train.grad_accum)
-        transformer = self.hook.qflux_load_transformer(trainer=self.trainer, model=config.model)
+        transformer = self.trainer.load_transformer(config.model)
         self.params = attach_lora(transformer, config.model.lora)
         optimizer = build_optimizer(self.params, config.train)
         self.lr_scheduler = build_lr_scheduler(optimizer, config.train)
@@ -319,8 +313,7 @@ def encode_one(record, config, hook, trainer, encoders):
     from qflux.data import load_sample
 
     sample = load_sample(record, config.data)
-    return hook.qflux_encode(trainer=trainer, encoders=encoders, samples=[sample], model=config.model,
-                             empty_prompt=config.data.caption_dropout > 0)[0]
+    return trainer.encode(encoders, [sample], config.model, config.data.caption_dropout > 0)[0]
 
 
 def python_profile(fn: Callable[[], Any], steps: int, top: int = 25) -> str:
@@ -355,17 +348,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from qflux.data import open_records
-    from qflux.plugins import build_registry
 
     tmp = Path(tempfile.mkdtemp(prefix="qflux-bench-"))
     config = load_bench_config(tmp, cache=False, num_samples=args.samples)
-    registry = build_registry(extra_plugins=[("bench", BenchPlugin())])
+    from qflux.testing import spied_registry
+
+    registry = spied_registry(BenchPlugin(), trainer="kontext")
     hook, trainer = registry.hook, registry.trainer(config.trainer)
 
     # (a) data + encoding
     records = open_records(config.data)
     t0 = time.perf_counter()
-    encoders = hook.qflux_load_encoders(trainer=trainer, model=config.model)
+    encoders = trainer.load_encoders(config.model)
     encoders_load_s = time.perf_counter() - t0
     encode_one(records[0], config, hook, trainer, encoders)  # warm-up
     encode_times, samples = [], []

@@ -62,7 +62,7 @@ def test_every_section_is_read_from_yaml() -> None:
     assert c.trainer == "qwen-edit-plus"
     assert c.model.pretrained == "Qwen/Qwen-Image-Edit-2509" and c.model.revision == "main"
     assert (c.model.dtype, c.model.quantize, c.model.quantize_skip) == ("float16", "nf4", ["norm"])
-    assert c.model.gradient_checkpointing is True and c.model.guidance == 3.5 and c.model.max_sequence_length == 256
+    assert c.model.gradient_checkpointing is True and c.model.options == {"guidance": 3.5} and c.model.max_sequence_length == 256
     assert c.model.lora.model_dump() == {"rank": 32, "alpha": 8.0, "targets": ["to_q", "to_v"], "init": "default",
                                          "dropout": 0.1}
     assert c.data.resolution == [(512, 768), (768, 512)] and c.data.resize == "buckets"

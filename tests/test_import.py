@@ -33,7 +33,7 @@ def test_ai_toolkit_kontext_job_maps_every_training_setting():
     assert (config.train.max_steps, config.train.lr, config.train.optimizer) == (3000, 1e-4, "adamw8bit")
     assert (config.train.save_every, config.train.keep_checkpoints) == (250, 4)
     assert config.output.dir == "output/kontext_smile_v1"
-    assert (config.validation.every, config.validation.steps, config.validation.guidance) == (250, 20, 4.0)
+    assert (config.validation.every, config.validation.steps, config.model.options) == (250, 20, {"sample_guidance": 4.0})
     assert [(s.prompt, s.control) for s in config.validation.samples] == [
         ("make the person smile", ["/data/val/person1.jpg"]), ("give the person an afro", ["/data/val/person2.jpg"])]
     notes = "\n".join(result.not_carried)

@@ -11,23 +11,25 @@ import pytest
 import qflux
 from qflux.config.schema import LossConfig, ModelConfig
 from qflux.errors import PluginError, UserError
+from qflux.plugin_api import Quantizer, QuantizerInfo, Trainer, TrainerInfo
 from qflux.plugins import build_registry
-from qflux.types import QuantizerInfo, TrainerInfo
 
 
 def trainer_plugin(name: str, answer: str, package: str | None = None):
-    """A class-based plugin providing trainer ``name`` whose load hook answers ``answer`` for it alone."""
+    """A class-based plugin providing trainer ``name`` whose ``load_transformer`` answers ``answer``."""
+
+    class AnswerTrainer(Trainer):
+        info = TrainerInfo(name=name, family=name, description=f"test trainer {name}", pipeline="none")
+
+        def load_transformer(self, model):
+            return answer
 
     class Plugin:
         __package__ = package
 
         @qflux.hookimpl
         def qflux_register_trainers(self, register):
-            register(TrainerInfo(name=name, family=name, description=f"test trainer {name}", pipeline="none"))
-
-        @qflux.hookimpl
-        def qflux_load_transformer(self, trainer, model):
-            return answer if trainer.name == name else None
+            register(AnswerTrainer())
 
     return Plugin()
 
@@ -58,21 +60,22 @@ def test_trainers_and_quantizers_are_registered_with_their_plugin(toy_plugin) ->
                               load_entry_points=False)
     assert set(registry.trainers) == {"toy", "bee"} and set(registry.quantizers) == {"toy-round"}
     assert registry.trainer("toy") is toy_plugin.TOY
-    assert isinstance(registry.quantizer("toy-round"), QuantizerInfo)
+    assert isinstance(registry.quantizer("toy-round"), Quantizer)
     toy, bee = registry.plugins
     assert (toy.name, toy.kind, toy.trainers, toy.quantizers) == ("toy", "trainer", ["toy"], ["toy-round"])
     assert (bee.name, bee.package, bee.kind, bee.trainers) == ("b", "qflux-bee", "trainer", ["bee"])
-    assert registry.provider == {"trainer:toy": "toy", "quantizer:toy-round": "toy", "trainer:bee": "qflux-bee"}
+    assert registry.provider == {"trainer:toy": "toy", "quantizer:toy-round": "toy", "trainer:bee": "qflux-bee",
+                                 "adapter:lora": "qflux-core"}
     # each plugin lists exactly the hooks it implements
     assert toy.hooks == hooks_implemented_by(toy_plugin)
-    assert bee.hooks == ["qflux_load_transformer", "qflux_register_trainers"]
+    assert bee.hooks == ["qflux_register_trainers"]
 
 
 def test_kind_of_a_plugin() -> None:
     class Quant:
         @qflux.hookimpl
         def qflux_register_quantizers(self, register):
-            register(QuantizerInfo(name="q8", description="test"))
+            register(Quantizer(QuantizerInfo(name="q8", description="test")))
 
     class Other:
         @qflux.hookimpl
@@ -101,7 +104,7 @@ def test_same_quantizer_name_from_two_packages_is_an_error_naming_both() -> None
 
             @qflux.hookimpl
             def qflux_register_quantizers(self, register):
-                register(QuantizerInfo(name="nf4", description="test"))
+                register(Quantizer(QuantizerInfo(name="nf4", description="test")))
 
         return Quant()
 
@@ -109,16 +112,28 @@ def test_same_quantizer_name_from_two_packages_is_an_error_naming_both() -> None
         build_registry(extra_plugins=[("a", quant("qflux-quant")), ("b", quant("other-quant"))], load_entry_points=False)
 
 
-def test_firstresult_dispatch_by_trainer_name() -> None:
+def test_the_core_calls_the_selected_trainer_object() -> None:
     registry = build_registry(
         extra_plugins=[("a", trainer_plugin("alpha", "from alpha")), ("b", trainer_plugin("beta", "from beta"))],
         load_entry_points=False,
     )
-    hook, model = registry.hook.qflux_load_transformer, ModelConfig()
-    assert hook(trainer=registry.trainer("alpha"), model=model) == "from alpha"
-    assert hook(trainer=registry.trainer("beta"), model=model) == "from beta"
-    nobody = TrainerInfo(name="gamma", family="g", description="", pipeline="none")
-    assert hook(trainer=nobody, model=model) is None
+    model = ModelConfig()
+    assert registry.trainer("alpha").load_transformer(model) == "from alpha"
+    assert registry.trainer("beta").load_transformer(model) == "from beta"
+    assert [p.hooks for p in registry.plugins] == [["qflux_register_trainers"]] * 2  # no stage hooks to guard
+
+
+def test_a_stage_a_trainer_lacks_is_a_one_line_user_error() -> None:
+    from qflux.trainer import Unsupported
+
+    trainer = build_registry(extra_plugins=[("a", trainer_plugin("alpha", "x"))], load_entry_points=False).trainer(
+        "alpha")
+    assert trainer.implements("load_transformer") and not trainer.implements("sample")
+    with pytest.raises(Unsupported, match=r"trainer 'alpha' cannot generate images .*Trainer.sample") as err:
+        trainer.sample(None, None)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    with pytest.raises(Unsupported, match=r"cannot encode training samples .*which qflux cache needs"):
+        trainer.require("load_transformer", "encode", why="qflux cache")
 
 
 def test_default_loss_is_replaced_by_a_plugin_loss() -> None:
@@ -147,7 +162,7 @@ def test_default_loss_is_replaced_by_a_plugin_loss() -> None:
     assert not torch.allclose(default, replaced)
 
 
-def test_a_full_toy_run_through_the_hooks(toy_plugin) -> None:
+def test_a_full_toy_run_through_the_trainer(toy_plugin) -> None:
     """load -> quantize -> encoders -> encode -> collate -> predict -> default loss -> backward -> sample."""
     import torch
     from PIL import Image
@@ -158,18 +173,17 @@ def test_a_full_toy_run_through_the_hooks(toy_plugin) -> None:
     registry = build_registry(extra_plugins=[("toy", toy_plugin)], load_entry_points=False)
     hook, trainer = registry.hook, registry.trainer("toy")
     model = ModelConfig(dtype="float32", quantize="toy-round")
-    transformer = hook.qflux_load_transformer(trainer=trainer, model=model)
-    quantized = hook.qflux_quantize(transformer=transformer, method=model.quantize, model=model)
+    transformer = trainer.load_transformer(model)
+    quantized = registry.quantizer(model.quantize).quantize(transformer, model)
     assert quantized is transformer and torch.equal(transformer.weight * 8, torch.round(transformer.weight * 8))
-    assert hook.qflux_quantize(transformer=transformer, method="nf4", model=model) is None  # not the toy's
 
-    encoders = hook.qflux_load_encoders(trainer=trainer, model=model)
+    encoders = trainer.load_encoders(model)
     samples = [
         EditSample(key=k, prompt=f"paint it {c}", target=Image.new("RGB", (48, 32), c),
                    controls=[Image.new("RGB", (48, 32), "white")], mask=Image.new("L", (48, 32), 255 * (k == "a")))
         for k, c in (("a", "red"), ("b", "green"))
     ]
-    encoded = hook.qflux_encode(trainer=trainer, encoders=encoders, samples=samples, model=model, empty_prompt=False)
+    encoded = trainer.encode(encoders, samples, model, False)
     assert [e.key for e in encoded] == ["a", "b"] and encoded[0].grid == (2, 3) and encoded[0].empty_prompt is None
     assert encoded[0].mask.tolist() == [1.0] * 6 and encoded[1].mask.tolist() == [0.0] * 6
     batch = collate(encoded)
@@ -178,35 +192,38 @@ def test_a_full_toy_run_through_the_hooks(toy_plugin) -> None:
     noise = torch.randn_like(batch.latents)
     noisy = NoisyInput(latents=0.5 * batch.latents + 0.5 * noise, sigmas=torch.full((2,), 0.5),
                        target=noise - batch.latents)
-    prediction = hook.qflux_predict(trainer=trainer, transformer=transformer, batch=batch, noisy=noisy, model=model)
+    prediction = trainer.predict(transformer, batch, noisy, model)
     prediction = prediction + noisy.latents @ lora
     loss = hook.qflux_loss(prediction=prediction, noisy=noisy, batch=batch, loss=LossConfig())
     loss.backward()
     assert loss.item() > 0 and lora.grad is not None and lora.grad.abs().sum() > 0
 
     bundle = ModelBundle(trainer=trainer, model=model, transformer=transformer, encoders=encoders)
-    image = hook.qflux_sample(bundle=bundle, request=SampleRequest(prompt="p", height=32, width=64, seed=3))
+    image = trainer.sample(bundle, SampleRequest(prompt="p", height=32, width=64, seed=3))
     assert image.size == (64, 32)
 
 
 @pytest.mark.parametrize(
     ("plugin_src", "error"),
     [
-        ("class P:\n    @qflux.hookimpl\n    def qflux_laod_transformer(self, trainer, model):\n        return 1\n",
-         "qflux_laod_transformer is not a qflux hook (did you mean qflux_load_transformer?)"),
-        ("class P:\n    @qflux.hookimpl\n    def qflux_load_transformer(self, trainer, modell):\n        return 1\n",
+        ("class P:\n    @qflux.hookimpl\n    def qflux_register_trainer(self, register):\n        return 1\n",
+         "qflux_register_trainer is not a qflux hook (did you mean qflux_register_trainers?)"),
+        ("class P:\n    @qflux.hookimpl\n    def qflux_loss(self, prediction, modell):\n        return 1\n",
          "modell"),
         ("class P:\n    @qflux.hookimpl\n    def qflux_register_trainers(self, register):\n        register('kontext')\n",
-         "register() takes a TrainerInfo, got str"),
+         "register() takes a Trainer, got str"),
         ("class P:\n    @qflux.hookimpl\n    def qflux_register_trainers(self, register):\n"
-         "        register(TrainerInfo(name='half', family='f', description='', pipeline='none'))\n"
+         "        register(TrainerInfo(name='old', family='f', description='', pipeline='none'))\n",
+         "register() takes a Trainer, got TrainerInfo (since qflux 0.3 a plugin registers a Trainer object"),
+        ("class P:\n    @qflux.hookimpl\n    def qflux_register_trainers(self, register):\n"
+         "        register(Trainer(TrainerInfo(name='half', family='f', description='', pipeline='none')))\n"
          "        raise RuntimeError('registration failed')\n",
          "RuntimeError: registration failed"),
     ],
-    ids=["misspelt-hook", "unknown-argument", "register-wrong-type", "register-raises"],
+    ids=["misspelt-hook", "unknown-argument", "register-wrong-type", "register-old-info", "register-raises"],
 )
 def test_a_bad_plugin_is_reported_as_broken_and_registers_nothing(plugin_src: str, error: str) -> None:
-    namespace = {"qflux": qflux, "TrainerInfo": TrainerInfo}
+    namespace = {"qflux": qflux, "TrainerInfo": TrainerInfo, "Trainer": Trainer}
     exec(plugin_src, namespace)
     registry = build_registry(extra_plugins=[("bad", namespace["P"]()), ("good", trainer_plugin("ok", "x"))],
                               load_entry_points=False)
@@ -214,7 +231,7 @@ def test_a_bad_plugin_is_reported_as_broken_and_registers_nothing(plugin_src: st
     assert broken.name == "bad" and error in broken.error
     assert [p.name for p in registry.plugins] == ["good"] and set(registry.trainers) == {"ok"}
     assert registry.pm.get_plugin("bad") is None  # nothing of it stays registered
-    assert registry.hook.qflux_load_transformer(trainer=registry.trainer("ok"), model=ModelConfig()) == "x"
+    assert registry.trainer("ok").load_transformer(ModelConfig()) == "x"
 
 
 def test_unknown_trainer_of_an_installed_but_broken_package_shows_its_error(fake_dist, tmp_path: Path,
@@ -263,7 +280,7 @@ def test_plugins_list_reports_a_plugin_that_raises_on_import(run_qflux, plugin_p
     [toy] = listing["plugins"]
     assert toy == {
         "name": "toy", "package": "qflux-toy", "version": "1.0.0", "kind": "trainer", "provides": ["toy", "toy-round"],
-        "trainers": ["toy"], "quantizers": ["toy-round"], "hooks": hooks_implemented_by(toy_plugin),
+        "trainers": ["toy"], "quantizers": ["toy-round"], "adapters": [], "hooks": hooks_implemented_by(toy_plugin),
     }
     assert listing["trainers"] == ["toy"] and listing["quantizers"] == ["toy-round"]
     # the table form keeps working too, and names the broken plugin with its error
@@ -278,7 +295,8 @@ def test_load_plugins_allow_list(run_qflux, plugin_path: Path) -> None:
     only_broken = plugins_json(run_qflux("plugins", "list", "--json", plugins=" broken ,", pythonpath=[plugin_path]))
     assert only_broken["plugins"] == [] and [b["name"] for b in only_broken["broken"]] == ["broken"]
     none = plugins_json(run_qflux("plugins", "list", "--json", plugins="", pythonpath=[plugin_path]))
-    assert none == {"plugins": [], "broken": [], "trainers": [], "quantizers": [], "aliases": {}}
+    # the core's own lora adapter is always there
+    assert none == {"plugins": [], "broken": [], "trainers": [], "quantizers": [], "adapters": ["lora"], "aliases": {}}
     # unset: every installed plugin is found (whatever else is installed in this environment)
     everything = plugins_json(run_qflux("plugins", "list", "--json", plugins=None, pythonpath=[plugin_path]))
     assert {"toy"} <= {p["name"] for p in everything["plugins"]}
@@ -287,26 +305,26 @@ def test_load_plugins_allow_list(run_qflux, plugin_path: Path) -> None:
 
 def test_listed_hooks_are_exactly_the_implemented_ones(run_qflux, fake_dist, tmp_path: Path) -> None:
     partial = (
-        "import qflux\nfrom qflux.types import TrainerInfo\n\n"
+        "import qflux\nfrom qflux.plugin_api import Trainer, TrainerInfo\n\n"
         "@qflux.hookimpl\ndef qflux_register_trainers(register):\n"
-        "    register(TrainerInfo(name='part', family='p', description='', pipeline='none'))\n\n"
-        "@qflux.hookimpl\ndef qflux_encode(trainer, samples):\n    return None\n\n"
-        "def qflux_predict(trainer):  # not decorated: not a hook implementation\n    return None\n"
+        "    register(Trainer(TrainerInfo(name='part', family='p', description='', pipeline='none')))\n\n"
+        "@qflux.hookimpl\ndef qflux_on_step(event):\n    return None\n\n"
+        "def qflux_on_export(event):  # not decorated: not a hook implementation\n    return None\n"
     )
     other = "import qflux\n\n@qflux.hookimpl(specname='qflux_loss')\ndef my_loss(prediction):\n    return prediction\n"
     root = fake_dist(tmp_path / "site", "qflux-partial", "0.3.0", {"part": "qflux_partial", "lossy": "qflux_lossy"},
                      {"qflux_partial.py": partial, "qflux_lossy.py": other})
     listing = plugins_json(run_qflux("plugins", "list", "--json", plugins="part,lossy", pythonpath=[root]))
     by_name = {p["name"]: p for p in listing["plugins"]}
-    assert by_name["part"]["hooks"] == ["qflux_encode", "qflux_register_trainers"]
+    assert by_name["part"]["hooks"] == ["qflux_on_step", "qflux_register_trainers"]
     assert by_name["lossy"]["hooks"] == ["qflux_loss"] and by_name["lossy"]["kind"] == "other"
     assert by_name["lossy"]["package"] == "qflux-partial" and by_name["lossy"]["version"] == "0.3.0"
 
 
 def test_entry_point_to_an_object_in_a_module(run_qflux, fake_dist, tmp_path: Path) -> None:
-    src = ("import qflux\nfrom qflux.types import QuantizerInfo\n\nclass Quant:\n    @qflux.hookimpl\n"
+    src = ("import qflux\nfrom qflux.plugin_api import Quantizer, QuantizerInfo\n\nclass Quant:\n    @qflux.hookimpl\n"
            "    def qflux_register_quantizers(self, register):\n"
-           "        register(QuantizerInfo(name='q4', description='test'))\n\nplugin = Quant()\n")
+           "        register(Quantizer(QuantizerInfo(name='q4', description='test')))\n\nplugin = Quant()\n")
     root = fake_dist(tmp_path / "site", "qflux-q4", "2.0", {"q4": "qflux_q4:plugin"}, {"qflux_q4.py": src})
     listing = plugins_json(run_qflux("plugins", "list", "--json", plugins="q4", pythonpath=[root]))
     assert [(p["name"], p["kind"], p["provides"], p["hooks"]) for p in listing["plugins"]] == [
@@ -314,8 +332,8 @@ def test_entry_point_to_an_object_in_a_module(run_qflux, fake_dist, tmp_path: Pa
 
 
 def test_two_installed_packages_with_the_same_trainer_name(run_qflux, fake_dist, tmp_path: Path) -> None:
-    src = ("import qflux\nfrom qflux.types import TrainerInfo\n\n@qflux.hookimpl\ndef qflux_register_trainers(register):\n"
-           "    register(TrainerInfo(name='twin', family='t', description='', pipeline='none'))\n")
+    src = ("import qflux\nfrom qflux.plugin_api import Trainer, TrainerInfo\n\n@qflux.hookimpl\ndef qflux_register_trainers(register):\n"
+           "    register(Trainer(TrainerInfo(name='twin', family='t', description='', pipeline='none')))\n")
     root = tmp_path / "site"
     fake_dist(root, "qflux-twin-a", "1.0", {"twin_a": "twin_a"}, {"twin_a.py": src})
     fake_dist(root, "qflux-twin-b", "1.0", {"twin_b": "twin_b"}, {"twin_b.py": src})

@@ -1,5 +1,5 @@
 """One check list (issue 14 item 6): ``qflux config check`` and ``qflux data check`` refuse what ``qflux train``
-refuses before it reads data (``qflux.config.preflight.check_config``), and ``model.lora.targets`` is checked
+refuses before it reads data (``qflux.run.preflight.check_config``), and ``model.lora.targets`` is checked
 against the transformer built on the meta device before anything is encoded.
 
 Before: ``config check`` / ``data check`` said ok to ``resize: fixed`` with a bucket list and to a target typo;

@@ -565,7 +565,7 @@ def _(tmp):
 @case("resume-checkpoint-of-another-config")
 def _(tmp):
     from qflux.config import load_config
-    from qflux.training.loop import config_fingerprint
+    from qflux.run.train import config_fingerprint
 
     old = config(tmp, "old.yaml")
     write_checkpoint(tmp / "run", 3, config_fingerprint(load_config(old)))
@@ -611,7 +611,7 @@ def _(tmp):
 @case("resume-changed-optimizer-args")
 def _(tmp):
     from qflux.config import load_config
-    from qflux.training.loop import config_fingerprint
+    from qflux.run.train import config_fingerprint
 
     old = config(tmp, "old.yaml")
     write_checkpoint(tmp / "run", 4, config_fingerprint(load_config(old)))
@@ -624,7 +624,7 @@ def _(tmp):
 @case("resume-past-max-steps-unexported")
 def _(tmp):
     from qflux.config import load_config
-    from qflux.training.loop import config_fingerprint
+    from qflux.run.train import config_fingerprint
 
     path = config(tmp, train={"max_steps": 2})
     write_checkpoint(tmp / "run", 4, config_fingerprint(load_config(path)))
@@ -750,13 +750,13 @@ def test_lora_export_that_cannot_be_written_leaves_nothing(tmp_path: Path) -> No
         "from pathlib import Path\n"
         "from qflux.config.schema import LoraConfig\n"
         "from qflux.plugins import build_registry\n"
-        "from qflux.training.lora import attach_lora, export_lora\n"
+        "from qflux.adapters.lora_files import attach_lora, export_lora\n"
         "from qflux_kontext.tiny import tiny_transformer\n"
         "t, lora = tiny_transformer(), LoraConfig(rank=4, alpha=4)\n"
         "attach_lora(t, lora)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
         "try:\n"
-        "    export_lora(t, build_registry().trainer('kontext'), lora, Path(sys.argv[1]))\n"
+        "    export_lora(t, build_registry().trainer('kontext').info.pipeline, lora, Path(sys.argv[1]))\n"
         "except Exception as err:\n"
         "    print(type(err).__name__, err)\n"
     )

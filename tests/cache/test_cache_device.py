@@ -9,27 +9,23 @@ from __future__ import annotations
 
 import torch
 
-from qflux import hookimpl
-from qflux.cache.build import build_cache
 from qflux.config import load_config
-from qflux.plugins import build_registry
-from qflux.testing import tiny_config, write_config
+from qflux.run.cache import build_cache
+from qflux.testing import spied_registry, tiny_config, write_config
 from qflux.training import encoding
 
 MARKER = torch.device("meta")  # no real device is "meta": only the resolution below can have produced it
 
 
 class DeviceSpy:
-    """Wraps the encoders ``qflux_load_encoders`` returns so that ``to(device)`` is recorded, in order with
+    """Wraps the encoders ``Trainer.load_encoders`` returns so that ``to(device)`` is recorded, in order with
     the encode calls."""
 
     def __init__(self) -> None:
         self.events: list[object] = []
 
-    @hookimpl(hookwrapper=True)
-    def qflux_load_encoders(self, trainer, model):
-        outcome = yield
-        encoders = outcome.get_result()
+    def load_encoders(self, inner, model):
+        encoders = inner(model)
 
         def to(device):
             self.events.append(torch.device(device))
@@ -37,11 +33,11 @@ class DeviceSpy:
 
         encoders.to = to  # the instance attribute shadows the dataclass method
         self.events.append("loaded")
+        return encoders
 
-    @hookimpl(hookwrapper=True)
-    def qflux_encode(self, trainer, encoders, samples, model, empty_prompt):
+    def encode(self, inner, encoders, samples, model, empty_prompt):
         self.events.append("encode")
-        yield
+        return inner(encoders, samples, model, empty_prompt)
 
 
 def test_cache_build_moves_the_encoders_to_the_training_device_before_encoding(tmp_path, monkeypatch):
@@ -49,7 +45,7 @@ def test_cache_build_moves_the_encoders_to_the_training_device_before_encoding(t
     config = load_config(write_config(tmp_path / "c.yaml", tiny_config(
         tmp_path, "kontext", data={"path": "builtin:shapes", "resolution": 32, "num_samples": 2, "holdout": 0})))
     spy = DeviceSpy()
-    report = build_cache(config, build_registry(extra_plugins=[("spy", spy)]))
+    report = build_cache(config, spied_registry(spy))
     assert report.encoded == 2 and report.encoders_loaded
     assert spy.events[:2] == ["loaded", MARKER], f"the encoders were not moved to the training device: {spy.events}"
     assert "encode" in spy.events[2:]

@@ -10,32 +10,30 @@ import pytest
 import yaml
 from PIL import Image
 
-from qflux import hookimpl
-from qflux.cache.build import build_cache
 from qflux.config import load_config
 from qflux.plugins import build_registry
-from qflux.training.loop import train
+from qflux.run.cache import build_cache
+from qflux.run.train import train
+from qflux.testing import spied_registry
 
 
 class Spy:
-    """Records which samples reach qflux_encode and whether the encoders were loaded."""
+    """Records which samples reach Trainer.encode and whether the encoders were loaded."""
 
     def __init__(self, forbid_encoders: bool = False) -> None:
         self.encoded: list[str] = []
         self.encoder_loads = 0
         self.forbid_encoders = forbid_encoders
 
-    @hookimpl(hookwrapper=True)
-    def qflux_load_encoders(self, trainer, model):
+    def load_encoders(self, inner, model):
         self.encoder_loads += 1
         if self.forbid_encoders:
             raise AssertionError("encoders loaded although every sample is cached")
-        yield
+        return inner(model)
 
-    @hookimpl(hookwrapper=True)
-    def qflux_encode(self, trainer, encoders, samples, model, empty_prompt):
+    def encode(self, inner, encoders, samples, model, empty_prompt):
         self.encoded.extend(s.key for s in samples)
-        yield
+        return inner(encoders, samples, model, empty_prompt)
 
 
 def make_folder_dataset(root: Path, n: int = 4) -> Path:
@@ -72,7 +70,7 @@ def test_complete_cache_trains_without_loading_encoders(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     assert "4 encoded" in built.stdout
     spy = Spy(forbid_encoders=True)
-    result = train(config, registry=build_registry(extra_plugins=[("spy", spy)]))
+    result = train(config, registry=spied_registry(spy))
     assert result.steps == 2 and spy.encoder_loads == 0 and spy.encoded == []
 
 
@@ -80,36 +78,36 @@ def test_changed_image_reencodes_only_that_sample_and_settings_reencode_all(tmp_
     data = make_folder_dataset(tmp_path / "data")
     _, config = config_for(tmp_path)
     first = Spy()
-    build_cache(config, build_registry(extra_plugins=[("spy", first)]))
+    build_cache(config, spied_registry(first))
     assert sorted(first.encoded) == ["s0", "s1", "s2", "s3"]
 
     Image.new("RGB", (32, 32), (1, 2, 3)).save(data / "control_images" / "s2.png")
     second = Spy()
-    report = build_cache(config, build_registry(extra_plugins=[("spy", second)]))
+    report = build_cache(config, spied_registry(second))
     assert second.encoded == ["s2"] and report.encoded == 1
 
     (data / "training_images" / "s1.txt").write_text("a new instruction")
     third = Spy()
-    build_cache(config, build_registry(extra_plugins=[("spy", third)]))
+    build_cache(config, spied_registry(third))
     assert third.encoded == ["s1"]
 
     _, bigger = config_for(tmp_path, "data.resolution=48")
     fourth = Spy()
-    build_cache(bigger, build_registry(extra_plugins=[("spy", fourth)]))
+    build_cache(bigger, spied_registry(fourth))
     assert sorted(fourth.encoded) == ["s0", "s1", "s2", "s3"]
 
     _, other_dtype = config_for(tmp_path, "model.dtype=bfloat16")
     fifth = Spy()
-    build_cache(other_dtype, build_registry(extra_plugins=[("spy", fifth)]))
+    build_cache(other_dtype, spied_registry(fifth))
     assert len(fifth.encoded) == 4
 
 
 def test_cached_entries_carry_empty_prompt_for_caption_dropout(tmp_path):
     from rich.console import Console
 
-    from qflux.cache.build import open_cache
     from qflux.cache.keys import entry_key
     from qflux.data import open_records
+    from qflux.run.cache import open_cache
 
     make_folder_dataset(tmp_path / "data")
     _, config = config_for(tmp_path)
@@ -129,7 +127,7 @@ def test_corrupt_entry_is_reencoded_during_training(tmp_path):
     entries = sorted((tmp_path / "cache" / "entries").rglob("*.safetensors"))
     entries[0].write_bytes(entries[0].read_bytes()[:-7])
     spy = Spy()
-    result = train(config, registry=build_registry(extra_plugins=[("spy", spy)]))
+    result = train(config, registry=spied_registry(spy))
     assert result.steps == 2 and len(spy.encoded) == 1
 
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qflux import hookimpl
 from qflux.config import load_config
-from qflux.plugins import build_registry
-from qflux.training.loop import train
+from qflux.run.train import train
+from qflux.testing import spied_registry
 
 
 class SeenSamples:
@@ -27,15 +26,14 @@ class SeenSamples:
         self.forwards = 0
         self.base: dict[str, int] | None = None
 
-    @hookimpl(hookwrapper=True)
-    def qflux_predict(self, trainer, transformer, batch, noisy, model):
+    def predict(self, inner, transformer, batch, noisy, model):
         if torch.is_grad_enabled():
             self.keys.append(list(batch.keys))
         if self.base is None:
             self.base = holdings(transformer)
             transformer.register_forward_pre_hook(self.count)
             self.forwards += 1  # this one: the hook only sees the next ones
-        yield
+        return inner(transformer, batch, noisy, model)
 
     def count(self, module, args) -> None:
         self.forwards += 1
@@ -57,7 +55,7 @@ def holdings(transformer: torch.nn.Module) -> dict[str, int]:
 def main() -> None:
     config, out = load_config(sys.argv[1]), Path(sys.argv[2])
     spy = SeenSamples()
-    result = train(config, registry=build_registry(extra_plugins=[("seen", spy)]), resume="--resume" in sys.argv)
+    result = train(config, registry=spied_registry(spy), resume="--resume" in sys.argv)
     rank = int(os.environ.get("RANK", "0"))
     out.mkdir(parents=True, exist_ok=True)
     save_file(result.lora, str(out / f"lora-rank{rank}.safetensors"))

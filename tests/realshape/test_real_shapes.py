@@ -2,7 +2,7 @@
 configs (every width, head count, RoPE axes, joint / pooled dims, VAE channels and statistics, T5-XXL and
 CLIP-L, Qwen2.5-VL-7B's text and vision towers and its processor file) at reduced depth
 (``real_configs.REDUCED``), through qflux's own loading code, encodes one 256 x 256 edit pair and trains one
-step on the CPU (``qflux.training.loop.train``: data, the plugin's encode / predict, core LoRA, loss, export).
+step on the CPU (``qflux.run.train.train``: data, the plugin's encode / predict, core LoRA, loss, export).
 
 What the run feeds the transformer is compared with what the diffusers pipelines compute with their own
 helpers for a 256 x 256 image (``FluxKontextPipeline._prepare_latent_image_ids``, the edit pipelines'
@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from qflux.config import load_config
+from qflux.run.train import train
 from qflux.testing import write_config
-from qflux.training.loop import train
 
 pytestmark = pytest.mark.slow
 

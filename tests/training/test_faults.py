@@ -19,8 +19,8 @@ from qflux import hookimpl
 from qflux.config import load_config
 from qflux.errors import TrainingStopped
 from qflux.plugins import build_registry
+from qflux.run.train import train
 from qflux.testing import tiny_config, write_config
-from qflux.training.loop import train
 
 STEPS = 12
 

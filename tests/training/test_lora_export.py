@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qflux.adapters.lora_files import ADAPTER, LORA_FILE, attach_lora, export_lora, pipeline_class, read_lora_metadata
 from qflux.config.schema import LoraConfig, ModelConfig
 from qflux.plugins import build_registry
 from qflux.testing import single_torch_thread
-from qflux.training.lora import ADAPTER, LORA_FILE, attach_lora, export_lora, pipeline_class, read_lora_metadata
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def leaf_targets(transformer: torch.nn.Module) -> list[str]:
 def load_transformer(trainer_name: str = "kontext") -> torch.nn.Module:
     registry = build_registry()
     model = ModelConfig(pretrained="builtin:tiny", dtype="float32")
-    return registry.hook.qflux_load_transformer(trainer=registry.trainer(trainer_name), model=model)
+    return registry.trainer(trainer_name).load_transformer(model)
 
 
 def with_random_lora(trainer_name: str, lora: LoraConfig, seed: int = 0) -> torch.nn.Module:
@@ -149,7 +149,7 @@ def test_comfyui_rule_and_diffusers_fuse_give_peft_live_delta(trainer_name, rank
     trained = with_random_lora(trainer_name, lora)
     live = live_deltas(trained)
     trainer = build_registry().trainer(trainer_name)
-    path = export_lora(trained, trainer, lora, tmp_path / "out", {"qflux.note": "x"})
+    path = export_lora(trained, trainer.info.pipeline, lora, tmp_path / "out", {"qflux.note": "x"})
 
     # ComfyUI: the file's tensors only (it never reads the metadata)
     state = load_file(str(path))
@@ -162,7 +162,7 @@ def test_comfyui_rule_and_diffusers_fuse_give_peft_live_delta(trainer_name, rank
     # diffusers: the trainer's pipeline class loads and fuses the file onto a fresh base
     base = load_transformer(trainer_name)
     before = {n: m.weight.detach().clone() for n, m in base.named_modules() if n in live}
-    pipe = pipeline_without_encoders(pipeline_class(trainer), base)
+    pipe = pipeline_without_encoders(pipeline_class(trainer.info.pipeline), base)
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora()
     fused = {n: m.get_base_layer().weight.detach() for n, m in base.named_modules() if n in live}
@@ -181,7 +181,7 @@ def test_every_exported_key_is_mapped_by_comfyui(trainer_name, targets, tmp_path
     lora = LoraConfig(rank=2, alpha=4) if targets == "default" else \
         LoraConfig(rank=2, alpha=4, targets=leaf_targets(transformer))
     attach_lora(transformer, lora)
-    path = export_lora(transformer, build_registry().trainer(trainer_name), lora, tmp_path)
+    path = export_lora(transformer, build_registry().trainer(trainer_name).info.pipeline, lora, tmp_path)
     keys = set(load_file(str(path)))
     modules = {k.rsplit(".lora_", 1)[0] for k in keys}
     assert keys == {f"{m}.lora_{ab}.weight" for m in modules for ab in "AB"}  # LoRAAdapter's "diffusers2" form
@@ -200,7 +200,7 @@ def test_extra_metadata_is_a_header_entry_next_to_the_adapter_metadata(tmp_path)
     lora = LoraConfig(rank=4, alpha=8)
     transformer = load_transformer("kontext")
     attach_lora(transformer, lora)
-    path = export_lora(transformer, build_registry().trainer("kontext"), lora, tmp_path / "run",
+    path = export_lora(transformer, build_registry().trainer("kontext").info.pipeline, lora, tmp_path / "run",
                        extra_metadata={"qflux.training_sizes": '{"target": [512, 512]}'})
     assert path == tmp_path / "run" / LORA_FILE
     assert sorted(p.name for p in path.parent.iterdir()) == [LORA_FILE]  # the temporary file was renamed
@@ -209,5 +209,5 @@ def test_extra_metadata_is_a_header_entry_next_to_the_adapter_metadata(tmp_path)
     adapter = json.loads(header["lora_adapter_metadata"])
     assert adapter["transformer.r"] == 4 and adapter["transformer.lora_alpha"] == 4  # baked: alpha = rank
     with pytest.raises(ValueError, match="reserved"):
-        export_lora(transformer, build_registry().trainer("kontext"), lora, tmp_path / "x",
+        export_lora(transformer, build_registry().trainer("kontext").info.pipeline, lora, tmp_path / "x",
                     extra_metadata={"lora_adapter_metadata": "{}"})

@@ -20,18 +20,18 @@ from safetensors.torch import load_file, save_file
 from test_lora_export import live_deltas as deltas  # tests/training is on sys.path (rootdir-less test folders)
 from test_lora_export import load_transformer, with_random_lora
 
-from qflux.config.schema import LoraConfig
-from qflux.errors import UserError
-from qflux.plugins import build_registry
-from qflux.testing import single_torch_thread, tiny_config, write_config
-from qflux.training import checkpoint as ckpt
-from qflux.training.lora import (
+from qflux.adapters.lora_files import (
     checkpoint_lora_metadata,
     export_lora,
     load_lora_file,
     lora_state_dict,
     read_lora_metadata,
 )
+from qflux.config.schema import LoraConfig
+from qflux.errors import UserError
+from qflux.plugins import build_registry
+from qflux.testing import single_torch_thread, tiny_config, write_config
+from qflux.training import checkpoint as ckpt
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ LORA = LoraConfig(rank=4, alpha=8, targets=["to_q", "to_k", "to_v", "to_out.0", 
 
 def test_final_and_checkpoint_loras_load_at_the_trained_strength(tmp_path):
     trained = with_random_lora("kontext", LORA, seed=1)
-    final = export_lora(trained, build_registry().trainer("kontext"), LORA, tmp_path / "run")
+    final = export_lora(trained, build_registry().trainer("kontext").info.pipeline, LORA, tmp_path / "run")
     checkpoint = write_checkpoint(tmp_path / "run", trained, LORA)
     assert not any(k.startswith("transformer.") for k in load_file(str(checkpoint)))  # unbaked, as training holds it
     for path in (final, checkpoint):
@@ -152,7 +152,7 @@ def pixels(path) -> np.ndarray:
 
 def test_qflux_sample_applies_a_checkpoint_lora_like_the_final_one(tmp_path):
     from qflux.config import load_config
-    from qflux.training.loop import train
+    from qflux.run.train import train
 
     # alpha != rank: a checkpoint loaded at scale 1.0 (or the final export scaled twice) would give another image
     config_path = write_config(tmp_path / "c.yaml", tiny_config(

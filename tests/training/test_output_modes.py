@@ -13,10 +13,10 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from qflux.adapters.lora_files import attach_lora, checkpoint_lora_metadata, export_lora, lora_state_dict
 from qflux.config.schema import LoraConfig
 from qflux.plugins import build_registry
 from qflux.training import checkpoint as ckpt
-from qflux.training.lora import attach_lora, checkpoint_lora_metadata, export_lora, lora_state_dict
 
 
 @contextmanager
@@ -44,7 +44,7 @@ def test_lora_export_and_checkpoints_follow_the_umask(mask, file_mode, dir_mode,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with umask(mask):
         run = tmp_path / "run"
-        exported = export_lora(transformer, build_registry().trainer("kontext"), lora, run)
+        exported = export_lora(transformer, build_registry().trainer("kontext").info.pipeline, lora, run)
         position = ckpt.TrainingPosition(step=1, epoch=0, batch_in_epoch=1, config_fingerprint="f")
         saved = ckpt.save_checkpoint(run, position, lora_state_dict(transformer), optimizer, scheduler, keep=2,
                                      lora_metadata=checkpoint_lora_metadata(lora))

@@ -20,10 +20,10 @@ import torch
 import yaml
 
 from qflux.config import load_config
-from qflux.config.preflight import check_output
 from qflux.errors import ConfigError, UserError
+from qflux.run.preflight import check_output
+from qflux.run.train import train
 from qflux.testing import tiny_config, write_config
-from qflux.training.loop import train
 from qflux.training.metrics import read_metrics
 
 STEPS = 4

@@ -18,9 +18,9 @@ import pytest
 
 from qflux.config import load_config
 from qflux.errors import UserError
+from qflux.run.train import train
 from qflux.testing import tiny_config, write_config
 from qflux.training import run_folder
-from qflux.training.loop import train
 
 
 def qflux_train(config: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -9,24 +9,24 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qflux.adapters.lora_files import attach_lora, export_lora
 from qflux.config import load_config
 from qflux.plugins import build_registry
 from qflux.testing import tiny_config, write_config
-from qflux.training.lora import attach_lora, export_lora
 
 
 def make_lora(tmp_path, config) -> str:
     """A LoRA with non-zero B so that it visibly changes the output."""
     registry = build_registry()
     trainer = registry.trainer("kontext")
-    transformer = registry.hook.qflux_load_transformer(trainer=trainer, model=config.model)
+    transformer = trainer.load_transformer(config.model)
     attach_lora(transformer, config.model.lora)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return str(export_lora(transformer, trainer, config.model.lora, tmp_path / "lora"))
+    return str(export_lora(transformer, trainer.info.pipeline, config.model.lora, tmp_path / "lora"))
 
 
 def run_sample(config_path, out, *extra):

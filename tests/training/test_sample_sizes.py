@@ -9,22 +9,22 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from qflux.adapters.lora_files import attach_lora, export_lora, read_lora_metadata
 from qflux.config import load_config
 from qflux.config.schema import DataConfig
 from qflux.data.trained_sizes import KEY, sizes_metadata, trained_data
 from qflux.errors import UserError
 from qflux.plugins import build_registry
 from qflux.testing import tiny_config, write_config
-from qflux.training.lora import attach_lora, export_lora, read_lora_metadata
 
 
 def lora_file(tmp_path, config, data: DataConfig | None):
     registry = build_registry()
     trainer = registry.trainer(config.trainer)
-    transformer = registry.hook.qflux_load_transformer(trainer=trainer, model=config.model)
+    transformer = trainer.load_transformer(config.model)
     attach_lora(transformer, config.model.lora)
     extra = sizes_metadata(data) if data is not None else None
-    return export_lora(transformer, trainer, config.model.lora, tmp_path / "lora", extra_metadata=extra)
+    return export_lora(transformer, trainer.info.pipeline, config.model.lora, tmp_path / "lora", extra_metadata=extra)
 
 
 def sample(config_path, out, *extra):
@@ -88,7 +88,7 @@ def test_trained_data_round_trip_and_bad_entry():
 
 
 def test_trained_lora_records_its_sizes(make_config):
-    from qflux.training.loop import train
+    from qflux.run.train import train
 
     config = make_config(train={"max_steps": 1, "save_every": 0})
     result = train(config)

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from qflux import hookimpl
 from qflux.config.schema import ModelConfig, TrainConfig
 from qflux.plugins import build_registry
+from qflux.testing import spied_registry
 from qflux.training.shift_source import model_shift
 from qflux.training.step import sample_generator
 from qflux.training.timesteps import ShiftConstants, sample_sigmas
@@ -46,11 +46,10 @@ def sigmas_of(trainer: str, tokens: int, n: int = 10_000, model: ModelConfig | N
     registry = build_registry()
     info = registry.trainer(trainer)
     model = model or ModelConfig(pretrained="builtin:tiny", dtype="float32")
-    shift = model_shift(registry.hook, info, model).constants
+    shift = model_shift(info, model).constants
     config = TrainConfig(timestep_sampling="resolution_shift", **train)
     sigmas = sample_sigmas(n, tokens, config, torch.Generator().manual_seed(0), shift)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(registry.hook.qflux_scheduler_config(trainer=info,
-                                                                                                 model=model))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(info.scheduler_config(model))
     return sigmas, shift, scheduler
 
 
@@ -94,32 +93,30 @@ def test_a_diffusers_folders_scheduler_config_is_what_is_read(tmp_path):
 
 
 def test_a_plugin_without_the_hook_gets_a_folders_config_then_diffusers_defaults(tmp_path, monkeypatch):
+    from qflux.testing import wrap_trainer
     from qflux.training import shift_source
 
-    class Silent:
-        def qflux_scheduler_config(self, trainer, model):
-            return None
-
-    info = build_registry().trainer("kontext")
+    registry = build_registry()
+    silent = wrap_trainer(registry, "kontext", scheduler_config=lambda inner, model: None)
     folder = tmp_path / "m"
     (folder / "scheduler").mkdir(parents=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"max_shift": 0.9,
                                                                             "max_image_seq_len": 8192}))
     monkeypatch.setenv("HOME", str(tmp_path))
-    found = shift_source.model_shift(Silent(), info, ModelConfig.model_construct(pretrained="~/m"))
+    found = shift_source.model_shift(silent, ModelConfig.model_construct(pretrained="~/m"))
     assert (found.constants.max_shift, found.constants.max_image_seq_len, found.constants.base_shift) == (
         0.9, 8192, 0.5)
-    default = shift_source.model_shift(Silent(), info, ModelConfig(pretrained="owner/name"))
+    default = shift_source.model_shift(silent, ModelConfig(pretrained="owner/name"))
     assert default.constants == ShiftConstants() and "defaults" in default.source
 
 
 def test_the_loop_reads_the_constants_once_and_noises_with_them(make_config):
     """End to end (tiny Kontext, whose scheduler config a plugin overrides with constants of no real model, so
-    a loop falling back to FLUX's cannot pass): every sigma reaching ``qflux_predict`` is diffusers'
+    a loop falling back to FLUX's cannot pass): every sigma reaching ``Trainer.predict`` is diffusers'
     ``time_shift`` of the sample's own logit-normal draw with that config's mu; it is read once per run."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from qflux.training.loop import train
+    from qflux.run.train import train
 
     custom = dict(base_image_seq_len=1, max_image_seq_len=64, base_shift=0.1, max_shift=2.5, use_dynamic_shifting=True)
 
@@ -127,22 +124,20 @@ def test_the_loop_reads_the_constants_once_and_noises_with_them(make_config):
         def __init__(self) -> None:
             self.reads, self.seen = 0, []
 
-        @hookimpl
-        def qflux_scheduler_config(self, trainer, model):
+        def scheduler_config(self, inner, model):
             self.reads += 1
             return dict(custom)
 
-        @hookimpl(hookwrapper=True)
-        def qflux_predict(self, trainer, transformer, batch, noisy, model):
+        def predict(self, inner, transformer, batch, noisy, model):
             if transformer.training:  # not the validation loss
                 self.seen.append((list(batch.keys), batch.latents.shape[1], noisy.sigmas.detach().cpu()))
-            yield
+            return inner(transformer, batch, noisy, model)
 
     spy = Spy()
     config = make_config("kontext", train={"max_steps": 2, "save_every": 0, "batch_size": 2,
                                            "timestep_sampling": "flux_shift"})
     assert config.train.timestep_sampling == "resolution_shift"
-    result = train(config, registry=build_registry(extra_plugins=[("spy", spy)]))
+    result = train(config, registry=spied_registry(spy))
     assert result.steps == 2 and spy.reads == 1 and len(spy.seen) == 2
 
     scheduler = FlowMatchEulerDiscreteScheduler(**custom)

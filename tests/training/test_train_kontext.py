@@ -10,11 +10,11 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from qflux.adapters.lora_files import attach_lora, load_lora_state
 from qflux.config import load_config
 from qflux.plugins import build_registry
+from qflux.run.train import train
 from qflux.testing import tiny_config, write_config
-from qflux.training.loop import train
-from qflux.training.lora import attach_lora, load_lora_state
 from qflux.types import ModelBundle, SampleRequest
 
 
@@ -50,15 +50,15 @@ def test_exported_lora_reproduces_trained_model_in_diffusers_pipeline(tmp_path, 
     # the trained model, rebuilt the way qflux holds it: base + the LoRA tensors of the run
     registry = build_registry()
     trainer = registry.trainer("kontext")
-    transformer = registry.hook.qflux_load_transformer(trainer=trainer, model=config.model)
+    transformer = trainer.load_transformer(config.model)
     attach_lora(transformer, config.model.lora)
     exported = load_file(str(result.lora_path))
     load_lora_state(transformer, {k.removeprefix("transformer."): v for k, v in exported.items()})
-    encoders = registry.hook.qflux_load_encoders(trainer=trainer, model=config.model)
+    encoders = trainer.load_encoders(config.model)
     control = Image.new("RGB", (32, 32), (200, 30, 30))
     request = SampleRequest(prompt="make the red circle blue", controls=[control], height=32, width=32, steps=3,
                             seed=5, guidance=1.0)
-    ours = registry.hook.qflux_sample(bundle=ModelBundle(trainer, config.model, transformer, encoders), request=request)
+    ours = trainer.sample(ModelBundle(trainer, config.model, transformer, encoders), request)
 
     folder = save_tiny(tmp_path / "tiny")
     pipe = FluxKontextPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)

@@ -20,7 +20,7 @@ def changed(result) -> bool:
     ("torch.optim.SGD", {"momentum": 0.9}),
 ])
 def test_optimizers_train(make_config, optimizer, args):
-    from qflux.training.loop import train
+    from qflux.run.train import train
 
     result = train(make_config(train={"max_steps": 2, "save_every": 0, "optimizer": optimizer,
                                       "optimizer_args": args, "lr": 1e-2}))
@@ -29,7 +29,7 @@ def test_optimizers_train(make_config, optimizer, args):
 
 
 def test_warmup_schedule_is_logged_per_optimizer_step(make_config, tmp_path):
-    from qflux.training.loop import train
+    from qflux.run.train import train
 
     train(make_config(train={"max_steps": 3, "save_every": 0, "scheduler": "linear", "warmup_steps": 2,
                              "lr": 1e-3, "grad_accum": 2}))
@@ -40,7 +40,7 @@ def test_warmup_schedule_is_logged_per_optimizer_step(make_config, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_lora(make_config):
-    from qflux.training.loop import train
+    from qflux.run.train import train
 
     plain = train(make_config(train={"max_steps": 2, "save_every": 0}))
     checkpointed = train(make_config(model={"gradient_checkpointing": True}, train={"max_steps": 2, "save_every": 0},
@@ -51,14 +51,14 @@ def test_gradient_checkpointing_gives_the_same_lora(make_config):
 
 @pytest.mark.parametrize("scheme", ["uniform", "sigmoid", "shift", "flux_shift"])
 def test_timestep_schemes_train(make_config, scheme):
-    from qflux.training.loop import train
+    from qflux.run.train import train
 
     result = train(make_config(train={"max_steps": 2, "save_every": 0, "timestep_sampling": scheme}))
     assert result.steps == 2 and changed(result)
 
 
 def test_bf16_mixed_precision_trains_with_float32_lora(make_config):
-    from qflux.training.loop import train
+    from qflux.run.train import train
 
     result = train(make_config(train={"max_steps": 2, "save_every": 0, "mixed_precision": "bf16"}))
     assert result.steps == 2 and changed(result)

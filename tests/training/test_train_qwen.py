@@ -18,12 +18,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from qflux import hookimpl
+from qflux.adapters.lora_files import attach_lora, load_lora_state
 from qflux.config import load_config
 from qflux.plugins import build_registry
-from qflux.testing import single_torch_thread, tiny_config, write_config
-from qflux.training.loop import train
-from qflux.training.lora import attach_lora, load_lora_state
+from qflux.run.train import train
+from qflux.testing import single_torch_thread, spied_registry, tiny_config, write_config
 from qflux.training.validation import LABEL_HEIGHT
 from qflux.types import Batch, ModelBundle, NoisyInput, PromptEmbeds, SampleRequest
 
@@ -64,7 +63,7 @@ def test_exported_lora_loads_in_pipeline_and_reproduces_trained_model(name, tmp_
     # the trained model, rebuilt the way qflux holds it: base + the LoRA tensors of the run
     registry = build_registry()
     trainer = registry.trainer(name)
-    ours = registry.hook.qflux_load_transformer(trainer=trainer, model=config.model)
+    ours = trainer.load_transformer(config.model)
     attach_lora(ours, config.model.lora)
     load_lora_state(ours, result.lora)  # the unbaked tensors (the export has alpha / rank baked into lora_B)
     ours.eval()
@@ -82,15 +81,15 @@ def test_exported_lora_loads_in_pipeline_and_reproduces_trained_model(name, tmp_
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, 6:] = 0
     sigmas = torch.tensor([0.3, 0.8])
-    # and the image sampled through qflux_sample (the pipeline's denoising loop, true CFG) for the same seed
-    encoders = registry.hook.qflux_load_encoders(trainer=trainer, model=config.model)
+    # and the image sampled through Trainer.sample (the pipeline's denoising loop, true CFG) for the same seed
+    encoders = trainer.load_encoders(config.model)
     request = SampleRequest(prompt="make the red circle blue",
                             controls=[noise_image(32, 32, 1)] + ([noise_image(48, 32, 2)] if variant.multi_image else []),
                             height=32, width=48, steps=3, seed=5, true_cfg=2.0, negative_prompt="blurry")
 
     def sample_with(transformer) -> np.ndarray:
         bundle = ModelBundle(trainer, config.model, transformer, encoders)
-        image = registry.hook.qflux_sample(bundle=bundle, request=request)
+        image = bundle.trainer.sample(bundle, request)
         assert image.size == (48, 32)
         return np.asarray(image, dtype=np.int16)
 
@@ -169,12 +168,11 @@ class BatchSpy:
         self.batches: list[dict] = []
         self.max_diff = 0.0
 
-    @hookimpl(hookwrapper=True)
-    def qflux_predict(self, trainer, transformer, batch, noisy, model):
+    def predict(self, inner, transformer, batch, noisy, model):
         from qflux_qwen.predict import predict
 
-        outcome = yield
-        prediction = outcome.get_result().detach()
+        result = inner(transformer, batch, noisy, model)
+        prediction = result.detach()
         assert torch.isfinite(prediction).all()
         self.batches.append({"keys": list(batch.keys), "signature": (batch.grid, tuple(batch.control_grids)),
                              "controls": len(batch.controls),
@@ -184,6 +182,7 @@ class BatchSpy:
                 for i in range(batch.size):
                     alone = predict(self.variant, transformer, *_one(batch, noisy, i))
                     self.max_diff = max(self.max_diff, float((alone[0] - prediction[i]).abs().max()))
+        return result
 
 
 @pytest.mark.parametrize("name", ["qwen-edit-plus", "qwen-edit"])
@@ -200,7 +199,7 @@ def test_batches_mix_sizes_control_counts_and_text_to_image(name, tmp_path):
         data={"path": str(data), "resolution": [[16 * h, 16 * w] for h, w in buckets], "holdout": 0},
         train={"max_steps": expected_batches, "batch_size": 2, "save_every": 0, "lr": 1e-3})))
     spy = BatchSpy(variant)
-    result = train(config, registry=build_registry(extra_plugins=[("spy", spy)]))
+    result = train(config, registry=spied_registry(spy))
 
     assert result.steps == expected_batches and result.lora_path.is_file()
     assert all(np.isfinite(result.losses))
@@ -229,11 +228,11 @@ class SampleSpy:
     def __init__(self) -> None:
         self.requests: list[SampleRequest] = []
 
-    @hookimpl(hookwrapper=True)
-    def qflux_sample(self, bundle, request):
+    def sample(self, inner, bundle, request):
         self.requests.append(request)
-        outcome = yield
-        assert outcome.get_result() is not None
+        image = inner(bundle, request)
+        assert image is not None
+        return image
 
 
 def test_validation_sampling_with_true_cfg_and_negative_prompt_writes_grids(tmp_path):
@@ -247,7 +246,7 @@ def test_validation_sampling_with_true_cfg_and_negative_prompt_writes_grids(tmp_
         tmp_path, "qwen-edit-plus", data={"num_samples": 4, "holdout": 1}, validation=validation,
         train={"max_steps": 2, "save_every": 0})))
     spy = SampleSpy()
-    result = train(config, registry=build_registry(extra_plugins=[("spy", spy)]))
+    result = train(config, registry=spied_registry(spy))
 
     run = tmp_path / "run"
     assert result.lora_path.is_file()

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from qflux.config import load_config
 from qflux.errors import ConfigError
+from qflux.run.train import train
 from qflux.testing import single_torch_thread, tiny_config, write_config
 from qflux.training.best import DIRECTIONS, BestSelector, check_select_best
-from qflux.training.loop import train
 from qflux.training.val_fidelity import KEYS, measure_case, summarize
 
 VAL_STEPS = [0, 2, 4, 6]
@@ -130,8 +130,8 @@ def test_select_best_on_a_metric_never_measured_is_refused(tmp_path, metric, val
 
 
 def test_select_best_is_checked_by_config_check(tmp_path):
-    from qflux.config.preflight import check_config
     from qflux.plugins import build_registry
+    from qflux.run.preflight import check_config
 
     config = load_config(write_config(tmp_path / "c.yaml", tiny_config(
         tmp_path, validation={"every": 2, "select_best": "val_loss"}, data={"holdout": 0})))

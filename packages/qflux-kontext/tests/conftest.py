@@ -64,12 +64,12 @@ def pipe():
 
 @pytest.fixture(scope="session")
 def transformer(registry, trainer, model):
-    return registry.hook.qflux_load_transformer(trainer=trainer, model=model)
+    return trainer.load_transformer(model)
 
 
 @pytest.fixture(scope="session")
 def encoders(registry, trainer, model):
-    return registry.hook.qflux_load_encoders(trainer=trainer, model=model)
+    return trainer.load_encoders(model)
 
 
 @pytest.fixture(scope="session")
@@ -83,9 +83,7 @@ def samples() -> list[EditSample]:
 
 @pytest.fixture(scope="session")
 def encoded(registry, trainer, encoders, samples, model):
-    return registry.hook.qflux_encode(
-        trainer=trainer, encoders=encoders, samples=samples, model=model, empty_prompt=True
-    )
+    return trainer.encode(encoders, samples, model, True)
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_preferred_resolutions_are_the_pipelines():
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS as theirs
 
     assert list(PREFERRED_KONTEXT_RESOLUTIONS) == list(theirs)
-    assert TRAINER.condition_sizing is CONDITION_SIZING
+    assert TRAINER.info.condition_sizing is CONDITION_SIZING
 
 
 def test_condition_size_is_what_the_pipeline_picks(pipe):
@@ -76,14 +76,14 @@ def test_data_stage_control_equals_the_pipelines_image(pipe, tmp_path):
         photo(w, h).save(tmp_path / "c.png")
         ref = FileImage(tmp_path / "c.png")
         sample = load_sample(SampleRecord(key="s", prompt="p", target=None, controls=(ref,)),
-                             DataConfig(path=str(tmp_path), resolution=64), TRAINER.condition_sizing)
+                             DataConfig(path=str(tmp_path), resolution=64), TRAINER.info.condition_sizing)
         theirs = pipeline_resized(pipe, photo(w, h))
         assert sample.controls[0].size == theirs.size
         assert np.array_equal(np.asarray(sample.controls[0]), np.asarray(theirs))
     photo(1536, 1024).save(tmp_path / "t.png")  # at 512 px budget the target is 624x416: the same 3:2 frame
     ref = FileImage(tmp_path / "t.png")
     sample = load_sample(SampleRecord(key="s", prompt="p", target=ref, controls=(ref,)),
-                         DataConfig(path=str(tmp_path), resolution=512), TRAINER.condition_sizing)
+                         DataConfig(path=str(tmp_path), resolution=512), TRAINER.info.condition_sizing)
     theirs = pipeline_resized(pipe, photo(1536, 1024))
     assert sample.target.size == (624, 416) and sample.controls[0].size == theirs.size == (1248, 832)
     assert np.array_equal(np.asarray(sample.controls[0]), np.asarray(theirs))
@@ -97,7 +97,7 @@ def test_default_rule_encodes_a_1mp_control(tmp_path, model):
     photo(96, 64).save(tmp_path / "t.png")
     ref = FileImage(tmp_path / "t.png")
     sample = load_sample(SampleRecord(key="s", prompt="p", target=ref, controls=(ref,)),
-                         DataConfig(path=str(tmp_path), resolution=(32, 48)), TRAINER.condition_sizing)
+                         DataConfig(path=str(tmp_path), resolution=(32, 48)), TRAINER.info.condition_sizing)
     assert sample.controls[0].size == (1248, 832) and sample.target.size == (48, 32)
     out = encode_samples(load_encoders(model), [sample], model, empty_prompt=False)[0]
     assert out.control_grids == [(52, 78)] and out.controls[0].shape[0] == 52 * 78 and out.grid == (2, 3)

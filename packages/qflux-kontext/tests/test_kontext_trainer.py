@@ -14,7 +14,7 @@ import torch
 from qflux.config.schema import ModelConfig
 from qflux.errors import UserError
 from qflux.loss import mask_to_tokens
-from qflux.types import Batch, ModelBundle, NoisyInput, PromptEmbeds, SampleRequest, TrainerInfo
+from qflux.types import Batch, ModelBundle, NoisyInput, PromptEmbeds, SampleRequest
 
 
 def _batch(enc, *, controls=True) -> Batch:
@@ -50,20 +50,18 @@ def test_plugin_module_is_light():
     assert out.stdout.strip() == "kontext"
 
 
-def test_registered_via_entry_point_and_other_trainers_ignored(model, monkeypatch):
+def test_registered_via_entry_point_with_every_stage(monkeypatch):
     from qflux.plugins import build_registry
-    from qflux_kontext import plugin
 
     monkeypatch.delenv("QFLUX_LOAD_PLUGINS", raising=False)
-    info = build_registry().trainer("kontext")
+    registry = build_registry()
+    trainer = registry.trainer("kontext")
+    info = trainer.info
     assert info.family == "flux-kontext" and info.pipeline == "diffusers.FluxKontextPipeline"
     assert info.default_model == "black-forest-labs/FLUX.1-Kontext-dev" and info.max_controls == 3
-    other = TrainerInfo(name="qwen-edit", family="qwen", description="", pipeline="x")
-    assert plugin.qflux_load_transformer(trainer=other, model=model) is None
-    assert plugin.qflux_load_encoders(trainer=other, model=model) is None
-    assert plugin.qflux_encode(trainer=other, encoders=None, samples=[], model=model, empty_prompt=False) is None
-    assert plugin.qflux_predict(trainer=other, transformer=None, batch=None, noisy=None, model=model) is None
-    assert plugin.qflux_sample(bundle=ModelBundle(other, model, None), request=SampleRequest("x")) is None
+    assert all(trainer.implements(stage) for stage in ("load_transformer", "load_encoders", "encode", "predict",
+                                                        "sample", "scheduler_config"))
+    assert next(p for p in registry.plugins if "kontext" in p.trainers).hooks == ["qflux_register_trainers"]
 
 
 # --------------------------------------------------------------------------- tiny model
@@ -117,18 +115,10 @@ def test_prompt_embeddings_equal_pipeline(pipe, encoded, samples):
 
 def test_max_sequence_length_override_and_limit(registry, trainer, encoders, samples):
     model = ModelConfig(pretrained="builtin:tiny", dtype="float32", max_sequence_length=16)
-    out = registry.hook.qflux_encode(
-        trainer=trainer, encoders=encoders, samples=samples[:1], model=model, empty_prompt=False
-    )
+    out = trainer.encode(encoders, samples[:1], model, False)
     assert out[0].prompt.hidden.shape == (16, 64) and out[0].empty_prompt is None
     with pytest.raises(UserError, match="512"):
-        registry.hook.qflux_encode(
-            trainer=trainer,
-            encoders=encoders,
-            samples=samples[:1],
-            model=ModelConfig(dtype="float32", max_sequence_length=513),
-            empty_prompt=False,
-        )
+        trainer.encode(encoders, samples[:1], ModelConfig(dtype="float32", max_sequence_length=513), False)
 
 
 def _prepare(pipe, image, gen, target_size=None):
@@ -175,9 +165,7 @@ def test_bad_samples_raise_user_errors(registry, trainer, encoders, model, rgb):
     from qflux.types import EditSample
 
     def enc(sample):
-        return registry.hook.qflux_encode(
-            trainer=trainer, encoders=encoders, samples=[sample], model=model, empty_prompt=False
-        )
+        return trainer.encode(encoders, [sample], model, False)
 
     with pytest.raises(UserError, match="'odd'.*multiples of 16"):
         enc(EditSample("odd", "x", rgb(40, 32, 0)))
@@ -189,11 +177,9 @@ def test_bad_samples_raise_user_errors(registry, trainer, encoders, model, rgb):
 
 def test_bfloat16_encoders_return_float32(registry, trainer, samples):
     model = ModelConfig(pretrained="builtin:tiny", dtype="bfloat16")
-    encoders = registry.hook.qflux_load_encoders(trainer=trainer, model=model)
+    encoders = trainer.load_encoders(model)
     assert encoders.text_encoder_2.dtype == torch.bfloat16 and encoders.vae.dtype == torch.bfloat16
-    out = registry.hook.qflux_encode(
-        trainer=trainer, encoders=encoders, samples=samples[:1], model=model, empty_prompt=False
-    )
+    out = trainer.encode(encoders, samples[:1], model, False)
     e = out[0]
     assert e.latents.dtype == e.controls[0].dtype == e.prompt.hidden.dtype == e.prompt.pooled.dtype == torch.float32
 
@@ -207,9 +193,7 @@ def test_predict_equals_the_pipelines_transformer_call(
     e, s = encoded[0], samples[0]
     noisy = _noisy(e, 0.7)
     guided = model.model_copy(update={"guidance": 2.5})
-    pred = registry.hook.qflux_predict(
-        trainer=trainer, transformer=transformer, batch=_batch(e), noisy=noisy, model=guided
-    )
+    pred = trainer.predict(transformer, _batch(e), noisy, guided)
     assert pred.shape == e.latents[None].shape
 
     # the way FluxKontextPipeline.__call__ calls the transformer
@@ -229,9 +213,7 @@ def test_predict_equals_the_pipelines_transformer_call(
         )[0][:, : noisy.latents.size(1)]
     torch.testing.assert_close(pred, ref, rtol=1e-4, atol=1e-5)
     # the guidance value reaches the transformer
-    other = registry.hook.qflux_predict(
-        trainer=trainer, transformer=transformer, batch=_batch(e), noisy=noisy, model=model
-    )
+    other = trainer.predict(transformer, _batch(e), noisy, model)
     assert not torch.allclose(pred, other)
 
 
@@ -253,9 +235,7 @@ def test_multi_control_ids_use_next_indices(registry, trainer, transformer, enco
     handle = transformer.register_forward_pre_hook(spy, with_kwargs=True)
     try:
         noisy = _noisy(e, 0.3)
-        pred = registry.hook.qflux_predict(
-            trainer=trainer, transformer=transformer, batch=_batch(e), noisy=noisy, model=model
-        )
+        pred = trainer.predict(transformer, _batch(e), noisy, model)
     finally:
         handle.remove()
     assert pred.shape == (1, n, 64)
@@ -267,7 +247,7 @@ def test_multi_control_ids_use_next_indices(registry, trainer, transformer, enco
     batch.controls[1] = torch.zeros_like(batch.controls[1])
     assert not torch.allclose(
         pred,
-        registry.hook.qflux_predict(trainer=trainer, transformer=transformer, batch=batch, noisy=noisy, model=model),
+        trainer.predict(transformer, batch, noisy, model),
     )
 
 
@@ -275,9 +255,7 @@ def test_predict_is_differentiable_into_inputs(registry, trainer, transformer, e
     e = encoded[2]
     noisy = _noisy(e, 0.5)
     noisy.latents.requires_grad_(True)
-    pred = registry.hook.qflux_predict(
-        trainer=trainer, transformer=transformer, batch=_batch(e, controls=False), noisy=noisy, model=model
-    )
+    pred = trainer.predict(transformer, _batch(e, controls=False), noisy, model)
     pred.square().mean().backward()
     assert noisy.latents.grad is not None and noisy.latents.grad.abs().sum() > 0
 
@@ -294,12 +272,12 @@ def tiny_folder(tmp_path_factory):
 
 def test_saved_folder_loads_identically(registry, trainer, tiny_folder, encoders, transformer, samples, encoded):
     model = ModelConfig(pretrained=str(tiny_folder), dtype="float32")
-    t2 = registry.hook.qflux_load_transformer(trainer=trainer, model=model)
-    enc2 = registry.hook.qflux_load_encoders(trainer=trainer, model=model)
+    t2 = trainer.load_transformer(model)
+    enc2 = trainer.load_encoders(model)
     assert type(t2).__name__ == "FluxTransformer2DModel" and not any(p.requires_grad for p in t2.parameters())
     assert enc2.max_sequence_length == 32 and enc2.source == str(tiny_folder)
     assert enc2.scheduler_config["use_dynamic_shifting"] is True
-    out = registry.hook.qflux_encode(trainer=trainer, encoders=enc2, samples=samples, model=model, empty_prompt=True)
+    out = trainer.encode(enc2, samples, model, True)
     for a, b in zip(out, encoded, strict=True):
         assert torch.equal(a.latents, b.latents) and torch.equal(a.prompt.hidden, b.prompt.hidden)
         assert torch.equal(a.prompt.pooled, b.prompt.pooled) and torch.equal(
@@ -307,10 +285,8 @@ def test_saved_folder_loads_identically(registry, trainer, tiny_folder, encoders
         )
         assert all(torch.equal(x, y) for x, y in zip(a.controls, b.controls, strict=True))
     noisy = _noisy(encoded[0], 0.5)
-    p1 = registry.hook.qflux_predict(
-        trainer=trainer, transformer=transformer, batch=_batch(encoded[0]), noisy=noisy, model=model
-    )
-    p2 = registry.hook.qflux_predict(trainer=trainer, transformer=t2, batch=_batch(out[0]), noisy=noisy, model=model)
+    p1 = trainer.predict(transformer, _batch(encoded[0]), noisy, model)
+    p2 = trainer.predict(t2, _batch(out[0]), noisy, model)
     assert torch.equal(p1, p2)
 
 
@@ -320,8 +296,8 @@ def _copy(src, dst):
 
 
 def test_wrong_family_or_missing_component_is_a_user_error(registry, trainer, tiny_folder, tmp_path):
-    def load(folder, hook="qflux_load_transformer"):
-        return getattr(registry.hook, hook)(trainer=trainer, model=ModelConfig(pretrained=str(folder), dtype="float32"))
+    def load(folder, stage="load_transformer"):
+        return getattr(trainer, stage)(ModelConfig(pretrained=str(folder), dtype="float32"))
 
     wrong = _copy(tiny_folder, tmp_path / "qwen")
     cfg = wrong / "transformer" / "config.json"
@@ -333,17 +309,17 @@ def test_wrong_family_or_missing_component_is_a_user_error(registry, trainer, ti
     idx = other / "model_index.json"
     idx.write_text(json.dumps({**json.loads(idx.read_text()), "_class_name": "QwenImageEditPipeline"}))
     with pytest.raises(UserError, match="QwenImageEditPipeline"):
-        load(other, "qflux_load_encoders")
+        load(other, "load_encoders")
 
     missing = _copy(tiny_folder, tmp_path / "novae")
     shutil.rmtree(missing / "vae")
     with pytest.raises(UserError, match=r"novae.*'vae'"):
-        load(missing, "qflux_load_encoders")
+        load(missing, "load_encoders")
     shutil.rmtree(missing / "tokenizer_2")
     (missing / "vae").mkdir()
     shutil.copy(tiny_folder / "vae" / "config.json", missing / "vae" / "config.json")
     with pytest.raises(UserError, match="tokenizer_2"):
-        load(missing, "qflux_load_encoders")
+        load(missing, "load_encoders")
 
     with pytest.raises(UserError, match="does not exist"):
         load(tmp_path / "nowhere")
@@ -361,16 +337,16 @@ def test_sample_size_and_determinism(registry, bundle, samples):
     req = SampleRequest(
         prompt="make it blue", controls=[samples[0].controls[0]], height=48, width=64, steps=2, seed=3, guidance=2.5
     )
-    a = registry.hook.qflux_sample(bundle=bundle, request=req)
-    b = registry.hook.qflux_sample(bundle=bundle, request=req)
+    a = bundle.trainer.sample(bundle, req)
+    b = bundle.trainer.sample(bundle, req)
     assert a.size == (64, 48) and a.mode == "RGB"
     assert np.array_equal(np.asarray(a), np.asarray(b))
-    c = registry.hook.qflux_sample(bundle=bundle, request=SampleRequest(**{**req.__dict__, "seed": 4}))
+    c = bundle.trainer.sample(bundle, SampleRequest(**{**req.__dict__, "seed": 4}))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
 
 
 def test_sample_text_to_image_multi_control_and_cfg(registry, bundle, samples):
-    t2i = registry.hook.qflux_sample(bundle=bundle, request=SampleRequest(prompt="a cat", height=32, width=48, steps=2))
+    t2i = bundle.trainer.sample(bundle, SampleRequest(prompt="a cat", height=32, width=48, steps=2))
     assert t2i.size == (48, 32)
     multi = SampleRequest(
         prompt="x",
@@ -381,10 +357,10 @@ def test_sample_text_to_image_multi_control_and_cfg(registry, bundle, samples):
         true_cfg=2.0,
         negative_prompt="blur",
     )
-    img = registry.hook.qflux_sample(bundle=bundle, request=multi)
+    img = bundle.trainer.sample(bundle, multi)
     assert img.size == (32, 32)
     with pytest.raises(UserError, match="multiples of 16"):
-        registry.hook.qflux_sample(bundle=bundle, request=SampleRequest(prompt="x", height=40, width=32, steps=1))
+        bundle.trainer.sample(bundle, SampleRequest(prompt="x", height=40, width=32, steps=1))
 
 
 @pytest.mark.parametrize("n_controls, true_cfg", [(0, 1.0), (1, 1.0), (1, 3.0)])

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 pytest.importorskip("qflux_kontext")
 
 from qflux.config import load_config  # noqa: E402
-from qflux.training.loop import train  # noqa: E402
+from qflux.run.train import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

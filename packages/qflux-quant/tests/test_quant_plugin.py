@@ -16,11 +16,8 @@ from quant_tiny import (
 
 from qflux.errors import ConfigError, PluginError, UserError
 from qflux.plugins import build_registry
-from qflux.types import TrainerInfo
 from qflux_quant import plugin
 from qflux_quant.quantize import quantize_transformer, quantized_methods, select_linears
-
-TRAINER = TrainerInfo(name="kontext", family="flux-kontext", description="", pipeline="")
 
 
 def _registry():
@@ -44,10 +41,10 @@ def test_plugin_import_is_light():
 def test_registers_the_four_quantizers():
     registry = _registry()
     assert set(registry.quantizers) == set(METHODS)
-    assert registry.quantizer("nf4").requires == ("bitsandbytes",)
-    assert registry.quantizer("fp8").requires == ()
+    assert registry.quantizer("nf4").info.requires == ("bitsandbytes",)
+    assert registry.quantizer("fp8").info.requires == ()
     record = next(p for p in registry.plugins if p.name == "quant")
-    assert record.kind == "quantizer" and "qflux_quantize" in record.hooks
+    assert record.kind == "quantizer" and record.hooks == ["qflux_register_quantizers"]
     with pytest.raises(PluginError, match="installed: fp4, fp8, int8, nf4"):
         registry.quantizer("gptq")
 
@@ -58,15 +55,10 @@ def test_installed_entry_point_is_found():
     assert not [b for b in registry.broken if b.name == "quant"]
 
 
-def test_hook_ignores_methods_it_does_not_provide():
-    model = tiny_flux()
-    assert plugin.qflux_quantize(transformer=model, method="gptq", model=model_config("gptq")) is None
-
-
-def test_hook_returns_the_quantized_transformer():
+def test_quantize_returns_the_quantized_transformer():
     registry = _registry()
     model = tiny_flux()
-    out = registry.hook.qflux_quantize(transformer=model, method="fp8", model=model_config("fp8"))
+    out = registry.quantizer("fp8").quantize(model, model_config("fp8"))
     # the default skip list is empty: every Linear in the blocks and the two input projections
     assert out is model and quantized_methods(out) == {"fp8": 22}
     assert not any(p.requires_grad for p in out.parameters())  # frozen
@@ -121,13 +113,13 @@ def test_missing_bitsandbytes_says_what_to_install_before_any_work(method, monke
     before = _weights(model)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     config = model_config(method)
-    # before loading: the plugin's validation-only load hook runs first and raises
+    quantizer = _registry().quantizer(method)
     with pytest.raises(UserError, match="pip install bitsandbytes") as err:
-        _registry().hook.qflux_load_transformer(trainer=TRAINER, model=config)
+        quantizer.check(config)  # what preflight calls (tests/test_user_mistakes.py: before any encoding)
     assert err.value.exit_code == 2
-    # and the quantize hook raises before touching a layer
+    # and quantize raises before touching a layer
     with pytest.raises(UserError, match="pip install bitsandbytes"):
-        plugin.qflux_quantize(transformer=model, method=method, model=config)
+        quantizer.quantize(model, config)
     assert quantized_methods(model) == {}
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -141,18 +133,17 @@ def test_fp8_needs_no_bitsandbytes(monkeypatch):
 def test_fp8_on_a_torch_without_float8_says_so(monkeypatch):
     model = tiny_flux()
     monkeypatch.delattr(torch, "float8_e4m3fn")
+    quantizer = _registry().quantizer("fp8")
     with pytest.raises(UserError, match="fp8 needs a torch with float8"):
-        _registry().hook.qflux_load_transformer(trainer=TRAINER, model=model_config("fp8"))
+        quantizer.check(model_config("fp8"))
     with pytest.raises(UserError, match="choose nf4, fp4 or int8"):
-        plugin.qflux_quantize(transformer=model, method="fp8", model=model_config("fp8"))
+        quantizer.quantize(model, model_config("fp8"))
     monkeypatch.undo()
     assert quantized_methods(model) == {}
 
 
-def test_load_check_passes_through_when_supported():
-    config = model_config("nf4")
-    assert plugin.qflux_load_transformer(trainer=TRAINER, model=config) is None
-    assert plugin.qflux_load_transformer(trainer=TRAINER, model=model_config(None)) is None
+def test_check_passes_when_supported():
+    assert _registry().quantizer("nf4").check(model_config("nf4")) is None
 
 
 def test_already_quantized_by_another_method_is_a_user_error():

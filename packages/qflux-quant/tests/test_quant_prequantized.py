@@ -1,5 +1,5 @@
 """Pre-quantized checkpoints: a transformer saved by diffusers with a bitsandbytes quantization config loads
-through the ordinary ``from_pretrained`` path, and ``qflux_quantize`` leaves it as it is.
+through the ordinary ``from_pretrained`` path, and ``Quantizer.quantize`` leaves it as it is.
 
 CPU note: diffusers 0.42 refuses bitsandbytes without an accelerator although bitsandbytes 0.50 runs on CPU:
 ``BnB4BitDiffusersQuantizer.validate_environment`` (and the 8-bit one) raise "No GPU found. A GPU is needed for
@@ -72,7 +72,7 @@ def test_prequantized_checkpoint_loads_and_quantize_is_a_no_op(tmp_path, bnb_on_
     before = {k: v.clone() for k, v in loaded.state_dict().items()}
 
     registry = build_registry(extra_plugins=[("quant", plugin)], load_entry_points=False)
-    out = registry.hook.qflux_quantize(transformer=loaded, method=method, model=model_config(method))
+    out = registry.quantizer(method).quantize(loaded, model_config(method))
     assert out is loaded
     after = loaded.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -88,7 +88,7 @@ def test_prequantized_checkpoint_loads_and_quantize_is_a_no_op(tmp_path, bnb_on_
 
     other = "fp8" if method != "fp8" else "nf4"
     with pytest.raises(UserError, match=f"already quantized as {method}"):
-        plugin.qflux_quantize(transformer=loaded, method=other, model=model_config(other))
+        plugin.QUANTIZERS[other].quantize(loaded, model_config(other))
 
 
 def test_prequantized_checkpoint_through_the_kontext_loader(tmp_path, bnb_on_cpu):
@@ -97,4 +97,4 @@ def test_prequantized_checkpoint_through_the_kontext_loader(tmp_path, bnb_on_cpu
     config = model_config("nf4", pretrained=str(folder))
     transformer = loading.load_transformer(config)
     assert quantized_methods(transformer) == {"nf4": 30}
-    assert plugin.qflux_quantize(transformer=transformer, method="nf4", model=config) is transformer
+    assert plugin.QUANTIZERS["nf4"].quantize(transformer, config) is transformer

@@ -12,6 +12,7 @@ from PIL import Image
 
 from qflux.config.schema import DataConfig
 from qflux.data import FileImage, SampleRecord, condition_size, load_sample
+from qflux_qwen.plugin import TRAINERS
 
 RATIOS = [0.25, 0.3, 0.4, 0.5, 0.5625, 0.6, 0.667, 0.75, 0.8, 0.9, 1.0, 1.1, 1.25, 1.333, 1.5, 1.6, 1.778, 2.0, 2.35,
           2.5, 3.0, 4.0]
@@ -118,7 +119,7 @@ def test_sampling_gives_the_vl_encoder_the_requests_vl_images(variants, encoders
 
     monkeypatch.setattr(Qwen2VLProcessor, "__call__", spy)
     variant = variants["qwen-edit-plus"]
-    bundle = ModelBundle(trainer=variant.info, model=model_config(), transformer=transformers_["qwen-edit-plus"],
+    bundle = ModelBundle(trainer=TRAINERS[variant.name], model=model_config(), transformer=transformers_["qwen-edit-plus"],
                          encoders=encoders)
     request = SampleRequest(prompt="p", controls=[photo(48, 32)], vl_controls=[photo(480, 320)], height=32, width=48,
                             steps=1)

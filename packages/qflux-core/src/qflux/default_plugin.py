@@ -1,7 +1,9 @@
-"""The core's own hook implementations, registered before any plugin: the default loss."""
+"""The core's own hook implementations, registered before any plugin: the default loss and the ``lora``
+adapter."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from qflux.hookspecs import hookimpl
@@ -9,8 +11,16 @@ from qflux.hookspecs import hookimpl
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from qflux.adapters.base import Adapter
     from qflux.config.schema import LossConfig
     from qflux.types import Batch, NoisyInput
+
+
+@hookimpl
+def qflux_register_adapters(register: Callable[[Adapter], None]) -> None:
+    from qflux.adapters.lora import LoraAdapter
+
+    register(LoraAdapter())
 
 
 @hookimpl(trylast=True)

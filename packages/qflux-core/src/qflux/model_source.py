@@ -25,12 +25,14 @@ SourceKind = Literal["folder", "hub", "builtin"]
 
 
 def torch_dtype(model: ModelConfig) -> torch.dtype:
+    """``model.dtype`` ("bfloat16") as the torch dtype."""
     import torch
 
     return getattr(torch, model.dtype)
 
 
 def is_tiny(model: ModelConfig) -> bool:
+    """``model.pretrained`` is ``builtin:tiny`` (the trainer's tiny builder loads it)."""
     return model.pretrained == TINY_ID
 
 

@@ -144,7 +144,13 @@ def guarded_load(cls: Any, source: str, component: str, **kwargs: Any) -> Any:
 
     Any other error is a bug and propagates as it is.
     """
+    import torch
+
     try:
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):  # weights: from safetensors only, always
+            kwargs.pop("use_safetensors", None)
+            return cls.from_pretrained(source, subfolder=component, use_safetensors=True, **kwargs)
+        # a tokenizer, scheduler or processor: no weights (tests/test_safety.py allows this one call)
         return cls.from_pretrained(source, subfolder=component, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"model.pretrained '{source}': cannot load {component}: {err}") from err

@@ -4,7 +4,8 @@ A plugin imports from ``qflux`` (``hookimpl``) and from here, nothing else of ``
 the core's own and may change in any release; the names below change only with a note in the changelog
 (``tests/test_plugin_api.py`` fails when a plugin under ``packages/`` imports another core module).
 
-- registration: ``hookimpl``, the base classes ``Trainer`` (``Unsupported``) and ``Quantizer``, ``TrainerInfo``,
+- registration: ``hookimpl``, the base classes ``Trainer`` (``Unsupported``), ``Quantizer`` and ``Adapter``
+  (``state_digest``, ``STATE_DIGEST``), the run-callback events, ``TrainerInfo``,
   ``QuantizerInfo``, ``ConditionSizing``;
 - the data that crosses into a trainer: ``EditSample``, ``EncodedSample``, ``PromptEmbeds``, ``Batch``,
   ``NoisyInput``, ``ModelBundle``, ``SampleRequest``, ``Grid``, and the config models ``ModelConfig`` and
@@ -27,7 +28,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from qflux.adapters.base import STATE_DIGEST, Adapter, state_digest
 from qflux.errors import ConfigError, DataError, PluginError, UserError
+from qflux.events import CheckpointEvent, ExportEvent, StepEvent, ValidationEvent
 from qflux.hookspecs import hookimpl
 from qflux.model_source import TINY_ID, ModelSource, is_tiny, resolve_source, torch_dtype
 from qflux.modeling import (
@@ -76,6 +79,9 @@ __all__ = [
     "Trainer",
     "Unsupported",
     "Quantizer",
+    "Adapter",
+    "STATE_DIGEST",
+    "state_digest",
     "TrainerInfo",
     "QuantizerInfo",
     "ConditionSizing",
@@ -90,6 +96,11 @@ __all__ = [
     "Grid",
     "ModelConfig",
     "QfluxConfig",
+    # run callbacks (qflux_on_step, ...)
+    "StepEvent",
+    "ValidationEvent",
+    "CheckpointEvent",
+    "ExportEvent",
     # errors
     "UserError",
     "ConfigError",

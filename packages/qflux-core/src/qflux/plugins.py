@@ -1,4 +1,7 @@
-"""The one place that builds the plugin manager and the trainer / quantizer registries.
+"""The one place that builds the plugin manager and the trainer / quantizer / adapter registries.
+
+Plugins hand the core objects (``Trainer``, ``Quantizer``, ``Adapter``) through the registration hooks; the
+core then calls the selected object's methods. pluggy carries discovery, the loss and the run callbacks.
 
 Plugins are found through the entry-point group ``qflux``. A plugin that fails to import is recorded as
 broken (name, package, error) instead of crashing the CLI. ``QFLUX_LOAD_PLUGINS=a,b`` (entry-point names)
@@ -15,23 +18,14 @@ from typing import Any
 import pluggy
 
 from qflux import hookspecs
+from qflux.adapters.base import Adapter
 from qflux.errors import PluginError
-from qflux.types import QuantizerInfo, TrainerInfo
+from qflux.known import KNOWN_QUANTIZERS, KNOWN_TRAINERS, TRAINER_ALIASES, aliases_of, canonical_trainer  # noqa: F401 - re-exported
+from qflux.quantizer import Quantizer
+from qflux.trainer import Trainer
 
 ENTRY_POINT_GROUP = "qflux"
 ALLOW_LIST_ENV = "QFLUX_LOAD_PLUGINS"
-
-# Trainers the qflux project publishes, so that an unknown name can say what to install.
-KNOWN_TRAINERS = {
-    "kontext": "qflux-kontext",
-    "qwen-edit": "qflux-qwen",
-    "qwen-edit-plus": "qflux-qwen",
-    "qwen-edit-2511": "qflux-qwen",
-}
-# Other names users know a model by -> the trainer's name. The config keeps the trainer's name (config.yaml,
-# cache keys, checkpoints), so an alias and its trainer are interchangeable.
-TRAINER_ALIASES = {"qwen-edit-2509": "qwen-edit-plus"}
-KNOWN_QUANTIZERS = {"nf4": "qflux-quant", "fp4": "qflux-quant", "int8": "qflux-quant", "fp8": "qflux-quant"}
 
 
 @dataclass
@@ -44,6 +38,7 @@ class PluginRecord:
     hooks: list[str] = field(default_factory=list)
     trainers: list[str] = field(default_factory=list)
     quantizers: list[str] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -51,6 +46,8 @@ class PluginRecord:
             return "trainer"
         if self.quantizers:
             return "quantizer"
+        if self.adapters:
+            return "adapter"
         return "other"
 
 
@@ -68,16 +65,17 @@ class Registry:
     pm: pluggy.PluginManager
     plugins: list[PluginRecord]
     broken: list[BrokenPlugin]
-    trainers: dict[str, TrainerInfo]
-    quantizers: dict[str, QuantizerInfo]
-    provider: dict[str, str]  # "trainer:NAME" / "quantizer:NAME" -> package
+    trainers: dict[str, Trainer]
+    quantizers: dict[str, Quantizer]
+    provider: dict[str, str]  # "trainer:NAME" / "quantizer:NAME" / "adapter:NAME" -> package
     allow: set[str] | None = None  # the QFLUX_LOAD_PLUGINS allow-list in effect (None: load all)
+    adapters: dict[str, Adapter] = field(default_factory=dict)
 
     @property
     def hook(self) -> Any:
         return self.pm.hook
 
-    def trainer(self, name: str) -> TrainerInfo:
+    def trainer(self, name: str) -> Trainer:
         """The registered trainer ``name``, or a ``PluginError`` that says what to install."""
         name = canonical_trainer(name)
         if name in self.trainers:
@@ -100,7 +98,7 @@ class Registry:
                 return f"{record.package}=={record.version}"
         return "unknown"
 
-    def quantizer(self, name: str) -> QuantizerInfo:
+    def quantizer(self, name: str) -> Quantizer:
         if name in self.quantizers:
             return self.quantizers[name]
         installed = ", ".join(sorted(self.quantizers)) or "none"
@@ -108,6 +106,16 @@ class Registry:
         if name in KNOWN_QUANTIZERS:
             msg += self._missing(KNOWN_QUANTIZERS[name])
         raise PluginError(msg)
+
+    def adapter(self, name: str) -> Adapter:
+        if name in self.adapters:
+            return self.adapters[name]
+        import difflib
+
+        installed = ", ".join(sorted(self.adapters)) or "none"
+        close = difflib.get_close_matches(name, sorted(self.adapters), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PluginError(f"unknown adapter '{name}' for model.adapter (installed: {installed}){hint}")
 
     def _missing(self, package: str) -> str:
         """What to do about a known name whose package did not provide it."""
@@ -118,15 +126,6 @@ class Registry:
         if self.allow is not None:
             msg += f" (if it is installed: {ALLOW_LIST_ENV}={','.join(sorted(self.allow))!r} does not load it)"
         return msg
-
-
-def canonical_trainer(name: str) -> str:
-    """The trainer's own name for ``name`` (an alias such as ``qwen-edit-2509``), else ``name`` unchanged."""
-    return TRAINER_ALIASES.get(name, name)
-
-
-def aliases_of(trainer: str) -> list[str]:
-    return sorted(alias for alias, target in TRAINER_ALIASES.items() if target == trainer)
 
 
 def _close_trainers(name: str, names: list[str]) -> list[str]:
@@ -159,7 +158,6 @@ def build_registry(extra_plugins: list[tuple[str, object]] = (), load_entry_poin
 
     pm = pluggy.PluginManager("qflux")
     pm.add_hookspecs(hookspecs)
-    pm.register(default_plugin, name="qflux.default")
     records: list[PluginRecord] = []
     broken: list[BrokenPlugin] = []
     loaded: list[tuple[object, PluginRecord]] = []
@@ -185,38 +183,46 @@ def build_registry(extra_plugins: list[tuple[str, object]] = (), load_entry_poin
             loaded.append((plugin, PluginRecord(ep.name, package, version)))
     for name, plugin in extra_plugins:
         loaded.append((plugin, PluginRecord(name, getattr(plugin, "__package__", None) or name, "0")))
+    from qflux import __version__
 
-    trainers: dict[str, TrainerInfo] = {}
-    quantizers: dict[str, QuantizerInfo] = {}
+    # the core's own implementations (the default loss, the lora adapter) first, so plugins may replace them
+    loaded.insert(0, (default_plugin, PluginRecord("qflux.default", "qflux-core", __version__)))
+
+    trainers: dict[str, Trainer] = {}
+    quantizers: dict[str, Quantizer] = {}
+    adapters: dict[str, Adapter] = {}
     provider: dict[str, str] = {}
 
     for plugin, record in loaded:
         try:
             pm.register(plugin, name=record.name)
             _check_hook_names(pm, plugin)
-            new_trainers: list[TrainerInfo] = []
-            new_quantizers: list[QuantizerInfo] = []
+            new_trainers: list[Trainer] = []
+            new_quantizers: list[Quantizer] = []
+            new_adapters: list[Adapter] = []
             for impl in _impls(pm, plugin, "qflux_register_trainers"):
-                impl(register=_collector(new_trainers, TrainerInfo, record.name))
+                impl(register=_collector(new_trainers, Trainer, record.name))
             for impl in _impls(pm, plugin, "qflux_register_quantizers"):
-                impl(register=_collector(new_quantizers, QuantizerInfo, record.name))
+                impl(register=_collector(new_quantizers, Quantizer, record.name))
+            for impl in _impls(pm, plugin, "qflux_register_adapters"):
+                impl(register=_collector(new_adapters, Adapter, record.name))
         except Exception as err:  # noqa: BLE001 - a bad hook signature, an unknown hook, a raising register
             if pm.is_registered(plugin):
                 pm.unregister(plugin)
             broken.append(BrokenPlugin(record.name, record.package, f"{type(err).__name__}: {err}"))
             continue
         record.hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or [])
-        for info in new_trainers:
-            _claim(info.name, "trainer", record.package, provider, trainers)
-            trainers[info.name] = info
-            record.trainers.append(info.name)
-        for info in new_quantizers:
-            _claim(info.name, "quantizer", record.package, provider, quantizers)
-            quantizers[info.name] = info
-            record.quantizers.append(info.name)
-        records.append(record)
+        for kind, new, registered, names in (("trainer", new_trainers, trainers, record.trainers),
+                                             ("quantizer", new_quantizers, quantizers, record.quantizers),
+                                             ("adapter", new_adapters, adapters, record.adapters)):
+            for obj in new:
+                _claim(obj.name, kind, record.package, provider, registered)
+                registered[obj.name] = obj
+                names.append(obj.name)
+        if plugin is not default_plugin:
+            records.append(record)
 
-    return Registry(pm, records, broken, trainers, quantizers, provider, allow)
+    return Registry(pm, records, broken, trainers, quantizers, provider, allow, adapters)
 
 
 def _collector(out: list[Any], cls: type, plugin_name: str) -> Any:
@@ -224,7 +230,12 @@ def _collector(out: list[Any], cls: type, plugin_name: str) -> Any:
 
     def register(info: Any) -> None:
         if not isinstance(info, cls):
-            raise PluginError(f"plugin {plugin_name}: register() takes a {cls.__name__}, got {type(info).__name__}")
+            hint = ""
+            if type(info).__name__ in ("TrainerInfo", "QuantizerInfo"):  # the registration of qflux 0.2
+                hint = (f" (since qflux 0.3 a plugin registers a {cls.__name__} object that holds its info and "
+                        "implements the stages: docs/plugins.md)")
+            raise PluginError(f"plugin {plugin_name}: register() takes a {cls.__name__}, got "
+                              f"{type(info).__name__}{hint}")
         out.append(info)
 
     return register

@@ -52,3 +52,36 @@ def single_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def wrap_trainer(registry: Any, name: str, **around: Any) -> Any:
+    """Replace the registered trainer ``name`` by a copy whose stages in ``around`` run
+    ``around[stage](original_method, *args)``: a spy or a fault injector for one test, the other stages and
+    the trainer's class (capabilities, its tiny builder) unchanged. Returns the copy."""
+    import copy
+    import functools
+
+    inner = registry.trainers[name]
+    wrapped = copy.copy(inner)
+    for stage, fn in around.items():
+        setattr(wrapped, stage, functools.partial(fn, getattr(inner, stage)))
+    registry.trainers[name] = wrapped
+    return wrapped
+
+
+STAGES = ("load_transformer", "load_encoders", "encode", "scheduler_config", "predict", "sample")
+
+
+def spied_registry(*spies: Any, trainer: str | None = None, **build: Any) -> Any:
+    """``build_registry(**build)`` with every trainer (or only ``trainer``) wrapped by the spies: a spy's method
+    named like a stage (``encode(self, inner, encoders, samples, model, empty_prompt)``) runs instead of it and
+    calls ``inner`` (the trainer's own method) when it wants the real result. Spies of one stage nest in order."""
+    from qflux.plugins import build_registry
+
+    registry = build_registry(**build)
+    for name in [trainer] if trainer else list(registry.trainers):
+        for spy in spies:
+            around = {stage: getattr(spy, stage) for stage in STAGES if callable(getattr(spy, stage, None))}
+            if around:
+                wrap_trainer(registry, name, **around)
+    return registry

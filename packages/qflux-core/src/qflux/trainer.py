@@ -7,13 +7,14 @@ capability it lacks: the core finds that out before any work (``require``) and s
 code 2, instead of failing mid-run. Heavy imports (torch, diffusers) belong inside the method bodies, so
 that registering a trainer stays cheap (``qflux plugins list``).
 
-The stages, in the order of one ``qflux train`` run (``qflux.run.train``)::
+The stages, in the order of one ``qflux train`` run (``qflux.run.train``; the tested order with the hooks is
+in docs/plugins.md, "Call order")::
 
     check(config)                              preflight, before anything is read or written
+    shift_rule(model), scheduler_config(model) once, at the start, for ``timestep_sampling: resolution_shift``
     load_encoders(model)                       only when something must be encoded or sampled
     encode(encoders, samples, model, ...)      per chunk of samples missing from the embedding cache
     load_transformer(model)                    then quantized (Quantizer), then the adapter is attached
-    scheduler_config(model)                    once, for ``train.timestep_sampling: resolution_shift``
     predict(transformer, batch, noisy, model)  every step and for the validation loss
     sample(bundle, request)                    validation images and ``qflux sample``
 """
@@ -115,6 +116,13 @@ class Trainer:
         """The model's ``scheduler/scheduler_config.json`` as a dict (``FlowMatchEulerDiscreteScheduler`` keys),
         read for ``train.timestep_sampling: resolution_shift``. None: the core reads a folder's file, else
         diffusers' defaults."""
+        return None
+
+    def shift_rule(self, model: ModelConfig) -> Any | None:
+        """The timestep shift of ``train.timestep_sampling: resolution_shift``, for a model whose rule is not
+        its scheduler config's ``calculate_shift`` (FLUX.2's empirical mu): an object with
+        ``apply(sigmas, num_tokens) -> sigmas`` and ``describe() -> str``. None (the default): the resolution
+        shift of the model's scheduler config (``scheduler_config``), as FLUX.1 and Qwen-Image use."""
         return None
 
     def predict(self, transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput,

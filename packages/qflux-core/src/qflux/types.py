@@ -1,4 +1,4 @@
-"""Typed data that crosses hook boundaries.
+"""Typed data that crosses the boundary between the core and a plugin's ``Trainer``.
 
 Shapes use: B batch, N target tokens, Nc control tokens, C packed channels (latent channels x 4 for the
 2x2 packing), L prompt tokens, D prompt width. A token grid ``(h, w)`` is the latent grid halved by the
@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
     from qflux.config.schema import ModelConfig
+    from qflux.trainer import Trainer
 
 Grid = tuple[int, int]
 
@@ -51,7 +52,7 @@ class ConditionSizing:
 
 @dataclass(frozen=True)
 class TrainerInfo:
-    """A trainer a plugin provides (handed to ``register`` in ``qflux_register_trainers``)."""
+    """What the core needs to know of a trainer without loading anything (``Trainer.info``)."""
 
     name: str  # the value of the config key ``trainer``
     family: str  # model family, e.g. "flux-kontext"; a LoRA trained for one family fits no other
@@ -68,7 +69,7 @@ class TrainerInfo:
 
 @dataclass(frozen=True)
 class QuantizerInfo:
-    """A quantization backend a plugin provides (``qflux_register_quantizers``)."""
+    """What the core knows of a quantization backend (``Quantizer.info``)."""
 
     name: str  # the value of the config key ``model.quantize``
     description: str
@@ -127,7 +128,7 @@ class EncodedSample:
 
 @dataclass
 class Batch:
-    """Samples of one signature stacked along B (see ``qflux.data.collate``)."""
+    """Samples of one signature stacked along B (see ``qflux.training.batching.collate``)."""
 
     keys: list[str]
     latents: torch.Tensor  # [B, N, C]
@@ -178,9 +179,10 @@ class NoisyInput:
 
 @dataclass
 class ModelBundle:
-    """What ``load`` produced. ``encoders`` is the plugin's own typed object (None when not loaded)."""
+    """The loaded models of a run (``qflux.run.models``). ``encoders`` is what ``Trainer.load_encoders``
+    returned (None when not loaded); ``Trainer.sample`` may load and set it."""
 
-    trainer: TrainerInfo
+    trainer: Trainer
     model: ModelConfig  # the config it was loaded with
     transformer: torch.nn.Module
     encoders: Any = None
@@ -196,7 +198,7 @@ class SampleRequest:
     width: int = 512
     steps: int = 20
     seed: int = 0
-    guidance: float = 1.0  # distilled guidance (Kontext) / guidance embedding
+    guidance: float | None = None  # a guidance-distilled model's guidance value; None: the trainer's default
     true_cfg: float = 1.0  # > 1 runs classifier-free guidance with ``negative_prompt``
     negative_prompt: str = ""
     vl_controls: list[Image] = field(default_factory=list)  # as ``EditSample.vl_controls``

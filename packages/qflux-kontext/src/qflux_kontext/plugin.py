@@ -1,8 +1,7 @@
-"""The ``kontext`` trainer (FLUX.1 Kontext): qflux hook implementations.
+"""The ``kontext`` trainer (FLUX.1 Kontext): a ``Trainer`` registered with qflux.
 
 This module is the ``qflux`` entry point and stays light: no torch / diffusers / transformers import at module
-level (``qflux plugins list`` imports it); each hook imports its heavy module when called. Every stage hook
-returns None unless the selected trainer is ``kontext``.
+level (``qflux plugins list`` imports it); each stage imports its heavy module when called.
 """
 
 from __future__ import annotations
@@ -11,14 +10,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qflux import hookimpl
-from qflux.types import ConditionSizing, TrainerInfo
+from qflux.plugin_api import ConditionSizing, Trainer, TrainerInfo
+from qflux_kontext.options import KontextOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL.Image import Image
 
-    from qflux.config.schema import ModelConfig
-    from qflux.types import Batch, EditSample, EncodedSample, ModelBundle, NoisyInput, SampleRequest
+    from qflux.plugin_api import Batch, EditSample, EncodedSample, ModelBundle, ModelConfig, NoisyInput, SampleRequest
 
 NAME = "kontext"
 
@@ -33,7 +32,7 @@ PREFERRED_KONTEXT_RESOLUTIONS = (
 # The pipeline takes the aspect after flooring the image's sides to vae_scale_factor * 2 = 16.
 CONDITION_SIZING = ConditionSizing(preferred=PREFERRED_KONTEXT_RESOLUTIONS, multiple=16, input_multiple=16)
 
-TRAINER = TrainerInfo(
+INFO = TrainerInfo(
     name=NAME,
     family="flux-kontext",
     description="FLUX.1 Kontext image editing (FluxTransformer2DModel; CLIP + T5 prompts; up to 3 controls)",
@@ -44,68 +43,50 @@ TRAINER = TrainerInfo(
 )
 
 
-def _mine(trainer: TrainerInfo | None) -> bool:
-    return trainer is not None and trainer.name == NAME
+class KontextTrainer(Trainer):
+    info = INFO
+    Options = KontextOptions
+
+    def load_transformer(self, model: ModelConfig) -> torch.nn.Module:
+        from qflux_kontext.loading import load_transformer
+
+        return load_transformer(model)
+
+    def load_encoders(self, model: ModelConfig) -> Any:
+        from qflux_kontext.loading import load_encoders
+
+        return load_encoders(model)
+
+    def encode(self, encoders: Any, samples: list[EditSample], model: ModelConfig,
+               empty_prompt: bool) -> list[EncodedSample]:
+        from qflux_kontext.encoding import encode_samples
+
+        return encode_samples(encoders, samples, model, empty_prompt)
+
+    def scheduler_config(self, model: ModelConfig) -> dict[str, Any]:
+        from qflux_kontext.loading import load_scheduler_config
+
+        return load_scheduler_config(model)
+
+    def predict(self, transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput,
+                model: ModelConfig) -> torch.Tensor:
+        from qflux_kontext.predict import predict
+
+        return predict(transformer, batch, noisy, self.options(model).guidance)
+
+    def sample(self, bundle: ModelBundle, request: SampleRequest) -> Image:
+        from dataclasses import replace
+
+        from qflux_kontext.sampling import sample
+
+        if request.guidance is None:  # validation and `qflux sample` without --guidance: the trainer's default
+            request = replace(request, guidance=self.options(bundle.model).sample_guidance)
+        return sample(bundle, request)
+
+
+TRAINER = KontextTrainer()
 
 
 @hookimpl
-def qflux_register_trainers(register: Callable[[TrainerInfo], None]) -> None:
+def qflux_register_trainers(register: Callable[[Trainer], None]) -> None:
     register(TRAINER)
-
-
-@hookimpl
-def qflux_load_transformer(trainer: TrainerInfo, model: ModelConfig) -> torch.nn.Module | None:
-    if not _mine(trainer):
-        return None
-    from qflux_kontext.loading import load_transformer
-
-    return load_transformer(model)
-
-
-@hookimpl
-def qflux_load_encoders(trainer: TrainerInfo, model: ModelConfig) -> Any | None:
-    if not _mine(trainer):
-        return None
-    from qflux_kontext.loading import load_encoders
-
-    return load_encoders(model)
-
-
-@hookimpl
-def qflux_encode(
-    trainer: TrainerInfo, encoders: Any, samples: list[EditSample], model: ModelConfig, empty_prompt: bool
-) -> list[EncodedSample] | None:
-    if not _mine(trainer):
-        return None
-    from qflux_kontext.encoding import encode_samples
-
-    return encode_samples(encoders, samples, model, empty_prompt)
-
-
-@hookimpl
-def qflux_scheduler_config(trainer: TrainerInfo, model: ModelConfig) -> dict[str, Any] | None:
-    if not _mine(trainer):
-        return None
-    from qflux_kontext.loading import load_scheduler_config
-
-    return load_scheduler_config(model)
-
-
-@hookimpl
-def qflux_predict(
-    trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput, model: ModelConfig
-) -> torch.Tensor | None:
-    if not _mine(trainer):
-        return None
-    from qflux_kontext.predict import predict
-
-    return predict(transformer, batch, noisy, model)
-
-
-@hookimpl
-def qflux_sample(bundle: ModelBundle, request: SampleRequest) -> Image | None:
-    if not _mine(bundle.trainer):
-        return None
-    from qflux_kontext.sampling import sample
-
-    return sample(bundle, request)

@@ -1,5 +1,5 @@
-"""The qflux plugin (entry point ``quant``): registers the quantizers nf4, fp4, int8, fp8 and implements
-``qflux_quantize``. Light on purpose: torch and bitsandbytes are imported inside the hook bodies only.
+"""The qflux plugin (entry point ``quant``): registers the quantizers nf4, fp4, int8, fp8 as ``Quantizer``
+objects. Light on purpose: torch and bitsandbytes are imported inside the methods only.
 """
 
 from __future__ import annotations
@@ -8,41 +8,39 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from qflux import hookimpl
-from qflux.types import QuantizerInfo
-from qflux_quant.methods import METHODS
+from qflux.plugin_api import Quantizer, QuantizerInfo
+from qflux_quant.methods import METHODS, Method
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from qflux.config.schema import ModelConfig
-    from qflux.types import TrainerInfo
+    from qflux.plugin_api import ModelConfig
 
 
-@hookimpl
-def qflux_register_quantizers(register: Callable[[QuantizerInfo], None]) -> None:
-    for method in METHODS.values():
-        register(QuantizerInfo(name=method.name, description=method.description, requires=method.requires))
+class MethodQuantizer(Quantizer):
+    """One quantization method of this package (``qflux_quant.methods``)."""
 
+    def __init__(self, method: Method) -> None:
+        self.method = method
+        super().__init__(QuantizerInfo(name=method.name, description=method.description, requires=method.requires))
 
-@hookimpl(tryfirst=True)
-def qflux_load_transformer(trainer: TrainerInfo, model: ModelConfig) -> None:
-    """Validation only, never loads anything (returns None, so the trainer's own loader runs next).
-
-    Runs first so that a missing bitsandbytes or an unsupported combination is reported before minutes of
-    weight loading, not after.
-    """
-    if model.quantize in METHODS:
+    def check(self, model: ModelConfig) -> None:
+        """A missing bitsandbytes or an unsupported combination, reported before minutes of encoding and loading."""
         from qflux_quant.quantize import check_supported
 
-        check_supported(model.quantize, model)
-    return None
+        check_supported(self.method.name, model)
+
+    def quantize(self, transformer: torch.nn.Module, model: ModelConfig) -> torch.nn.Module:
+        from qflux_quant.quantize import quantize_transformer
+
+        quantized, _report = quantize_transformer(transformer, self.method.name, model)
+        return quantized
+
+
+QUANTIZERS: dict[str, MethodQuantizer] = {name: MethodQuantizer(method) for name, method in METHODS.items()}
 
 
 @hookimpl
-def qflux_quantize(transformer: torch.nn.Module, method: str, model: ModelConfig) -> torch.nn.Module | None:
-    if method not in METHODS:
-        return None
-    from qflux_quant.quantize import quantize_transformer
-
-    quantized, _report = quantize_transformer(transformer, method, model)
-    return quantized
+def qflux_register_quantizers(register: Callable[[Quantizer], None]) -> None:
+    for quantizer in QUANTIZERS.values():
+        register(quantizer)

@@ -1,8 +1,8 @@
-"""The Qwen-Image-Edit trainers (``qwen-edit``, ``qwen-edit-plus``, ``qwen-edit-2511``): qflux hook implementations.
+"""The Qwen-Image-Edit trainers (``qwen-edit``, ``qwen-edit-plus``, ``qwen-edit-2511``): ``Trainer`` objects
+registered with qflux, one per variant (``qflux_qwen.variants``).
 
 This module is the ``qflux`` entry point and stays light: no torch / diffusers / transformers import at module
-level (``qflux plugins list`` imports it); each hook imports its heavy module when called. Every stage hook
-returns None unless the selected trainer is one of the three (see ``qflux_qwen.variants``).
+level (``qflux plugins list`` imports it); each stage imports its heavy module when called.
 """
 
 from __future__ import annotations
@@ -11,82 +11,68 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qflux import hookimpl
-from qflux.types import TrainerInfo
-from qflux_qwen.variants import VARIANTS, variant_of
+from qflux.plugin_api import Trainer
+from qflux_qwen.variants import VARIANTS, QwenVariant
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL.Image import Image
 
-    from qflux.config.schema import ModelConfig
-    from qflux.types import Batch, EditSample, EncodedSample, ModelBundle, NoisyInput, SampleRequest
+    from qflux.plugin_api import (
+        Batch,
+        EditSample,
+        EncodedSample,
+        ModelBundle,
+        ModelConfig,
+        NoisyInput,
+        SampleRequest,
+    )
+
+
+class QwenTrainer(Trainer):
+    """One Qwen-Image-Edit variant; the stages read its switches (``QwenVariant``)."""
+
+    def __init__(self, variant: QwenVariant) -> None:
+        self.variant = variant
+        super().__init__(variant.info)
+
+    def load_transformer(self, model: ModelConfig) -> torch.nn.Module:
+        from qflux_qwen.loading import load_transformer
+
+        return load_transformer(self.variant, model)
+
+    def load_encoders(self, model: ModelConfig) -> Any:
+        from qflux_qwen.loading import load_encoders
+
+        return load_encoders(self.variant, model)
+
+    def encode(self, encoders: Any, samples: list[EditSample], model: ModelConfig,
+               empty_prompt: bool) -> list[EncodedSample]:
+        from qflux_qwen.encoding import encode_samples
+
+        return encode_samples(self.variant, encoders, samples, model, empty_prompt)
+
+    def scheduler_config(self, model: ModelConfig) -> dict[str, Any]:
+        from qflux_qwen.loading import load_scheduler_config
+
+        return load_scheduler_config(self.variant, model)
+
+    def predict(self, transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput,
+                model: ModelConfig) -> torch.Tensor:
+        from qflux_qwen.predict import predict
+
+        return predict(self.variant, transformer, batch, noisy)
+
+    def sample(self, bundle: ModelBundle, request: SampleRequest) -> Image:
+        from qflux_qwen.sampling import sample
+
+        return sample(self.variant, bundle, request)
+
+
+TRAINERS: dict[str, QwenTrainer] = {name: QwenTrainer(variant) for name, variant in VARIANTS.items()}
 
 
 @hookimpl
-def qflux_register_trainers(register: Callable[[TrainerInfo], None]) -> None:
-    for variant in VARIANTS.values():
-        register(variant.info)
-
-
-@hookimpl
-def qflux_load_transformer(trainer: TrainerInfo, model: ModelConfig) -> torch.nn.Module | None:
-    variant = variant_of(trainer)
-    if variant is None:
-        return None
-    from qflux_qwen.loading import load_transformer
-
-    return load_transformer(variant, model)
-
-
-@hookimpl
-def qflux_load_encoders(trainer: TrainerInfo, model: ModelConfig) -> Any | None:
-    variant = variant_of(trainer)
-    if variant is None:
-        return None
-    from qflux_qwen.loading import load_encoders
-
-    return load_encoders(variant, model)
-
-
-@hookimpl
-def qflux_encode(
-    trainer: TrainerInfo, encoders: Any, samples: list[EditSample], model: ModelConfig, empty_prompt: bool
-) -> list[EncodedSample] | None:
-    variant = variant_of(trainer)
-    if variant is None:
-        return None
-    from qflux_qwen.encoding import encode_samples
-
-    return encode_samples(variant, encoders, samples, model, empty_prompt)
-
-
-@hookimpl
-def qflux_scheduler_config(trainer: TrainerInfo, model: ModelConfig) -> dict[str, Any] | None:
-    variant = variant_of(trainer)
-    if variant is None:
-        return None
-    from qflux_qwen.loading import load_scheduler_config
-
-    return load_scheduler_config(variant, model)
-
-
-@hookimpl
-def qflux_predict(
-    trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput, model: ModelConfig
-) -> torch.Tensor | None:
-    variant = variant_of(trainer)
-    if variant is None:
-        return None
-    from qflux_qwen.predict import predict
-
-    return predict(variant, transformer, batch, noisy)
-
-
-@hookimpl
-def qflux_sample(bundle: ModelBundle, request: SampleRequest) -> Image | None:
-    variant = variant_of(bundle.trainer)
-    if variant is None:
-        return None
-    from qflux_qwen.sampling import sample
-
-    return sample(variant, bundle, request)
+def qflux_register_trainers(register: Callable[[Trainer], None]) -> None:
+    for trainer in TRAINERS.values():
+        register(trainer)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qflux.types import ConditionSizing, TrainerInfo
+from qflux.plugin_api import ConditionSizing, TrainerInfo
 
 FAMILY = "qwen-image"
 VL_AREA_PLUS = 384 * 384  # diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE
@@ -98,14 +98,6 @@ VARIANTS: dict[str, QwenVariant] = {
         ),
     )
 }
-
-
-def variant_of(trainer: TrainerInfo | str | None) -> QwenVariant | None:
-    """The variant for a trainer (or trainer name); None when it is not one of ours."""
-    if trainer is None:
-        return None
-    name = trainer if isinstance(trainer, str) else trainer.name
-    return VARIANTS.get(name)
 
 
 def variant_named(name: str) -> QwenVariant:

@@ -40,10 +40,11 @@ KEYED_ROOTS = ("trainer", "model", "data")
 # certain: an unlisted field merely re-encodes when it changes.
 NOT_IN_KEY: dict[str, str] = {
     # model: what is loaded and how the transformer trains; the encoders see none of it
-    "model.quantize": "quantizes the transformer only (qflux-quant hooks qflux_load_transformer)",
+    "model.quantize": "quantizes the transformer only (Quantizer.quantize after Trainer.load_transformer)",
     "model.quantize_skip": "a quantize option",
     "model.gradient_checkpointing": "the transformer's backward pass",
-    "model.guidance": "the guidance embedding fed to the transformer while training",
+    "model.adapter": "the adapter kind attached to the transformer",
+    "model.adapter_options": "the options of that adapter",
     "model.lora.rank": "the LoRA on the transformer",
     "model.lora.alpha": "the LoRA on the transformer",
     "model.lora.targets": "the LoRA on the transformer",
@@ -84,7 +85,6 @@ NOT_IN_KEY: dict[str, str] = {
     "validation.every": "validation",
     "validation.steps": "validation sampling",
     "validation.seed": "validation sampling",
-    "validation.guidance": "validation sampling",
     "validation.true_cfg": "validation sampling",
     "validation.samples": "validation sampling (its images are encoded by the sampling pipeline, never cached)",
     "validation.from_holdout": "which held-out samples are also rendered",

@@ -29,9 +29,9 @@ def build(
     if config is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(2)
-    from qflux.cache.build import build_cache
-    from qflux.config.preflight import check_cache_run
     from qflux.plugins import build_registry
+    from qflux.run.cache import build_cache
+    from qflux.run.preflight import check_cache_run
 
     cfg = load_config(config, set_, trainer)
     registry = build_registry()
@@ -43,8 +43,8 @@ def build(
 
 
 def _open(file: Path | None, config: Path | None, command: str, set_: list[str], trainer: str | None):
-    from qflux.cache.build import open_cache
     from qflux.plugins import build_registry
+    from qflux.run.cache import open_cache
 
     cfg = load_config(pick_config(file, config, f"cache {command}"), set_, trainer)
     cache, context = open_cache(cfg, build_registry(), Console(stderr=True, soft_wrap=True))

@@ -29,8 +29,8 @@ def check_names(config: QfluxConfig, registry) -> None:
 
 def resolve(path: Path | None, overrides: list[str], trainer: str | None = None) -> QfluxConfig:
     """Load and validate a config and run every config-level check of ``qflux train``
-    (``qflux.config.preflight.check_config``)."""
-    from qflux.config.preflight import check_config
+    (``qflux.run.preflight.check_config``)."""
+    from qflux.run.preflight import check_config
 
     config = load_config(path, overrides, trainer)
     check_config(config, build_registry())

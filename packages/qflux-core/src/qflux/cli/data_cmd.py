@@ -37,7 +37,7 @@ def _trainer_needs(trainer: str) -> tuple[int | None, bool]:
     try:
         from qflux.plugins import build_registry
 
-        info = build_registry().trainers[trainer]
+        info = build_registry().trainers[trainer].info
         return info.max_controls, info.needs_controls
     except Exception:  # noqa: BLE001 - a missing or broken plugin must not stop a data check
         return None, True
@@ -64,9 +64,9 @@ def check(
 ) -> None:
     """Decode every sample of data.path; print what it holds (samples, controls, masks, planned sizes, held-out
     samples, what is not read and why) and list each problem (file, reason). Exit 1 when there are any."""
-    from qflux.config.preflight import check_config
     from qflux.data import inspect_dataset
     from qflux.plugins import build_registry
+    from qflux.run.preflight import check_config
 
     set_ = [*set_, ALLOW_NO_CONTROLS_SET] if allow_no_controls else set_
     cfg = load_config(pick_config(file, config, "data check"), set_, trainer)

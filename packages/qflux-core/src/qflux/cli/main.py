@@ -54,8 +54,28 @@ def _report(message: str, debug: bool) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
 
 
+def _show_deprecations() -> None:
+    """A moved config key is one ``warning:`` line on stderr (not Python's file:line warning format)."""
+    import warnings
+
+    from qflux.errors import ConfigDeprecation
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ConfigDeprecation):
+            Console(stderr=True, highlight=False, soft_wrap=True).print(f"[yellow]warning:[/] {escape(str(message))}",
+                                                                        markup=True)
+            return
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", ConfigDeprecation)
+
+
 def main(argv: list[str] | None = None) -> None:
     args, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    _show_deprecations()
     # bitsandbytes warns at import on CPU-only machines about an optional kernel package; it is not actionable
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
@@ -66,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:  # a full disk or a read-only folder the writers did not name themselves
         if err.errno not in _DISK_ERRNOS or not err.filename:
             raise
-        from qflux.training.checkpoint import write_failure
+        from qflux.errors import write_failure
 
         _report(str(write_failure(err, "a file of the run")), debug)
         sys.exit(2)

@@ -21,11 +21,12 @@ def list_plugins(as_json: bool = typer.Option(False, "--json", help="Print machi
     if as_json:
         payload = {
             "plugins": [
-                {**asdict(p), "kind": p.kind, "provides": p.trainers + p.quantizers} for p in registry.plugins
+                {**asdict(p), "kind": p.kind, "provides": p.trainers + p.quantizers + p.adapters} for p in registry.plugins
             ],
             "broken": [asdict(b) for b in registry.broken],
             "trainers": sorted(registry.trainers),
             "quantizers": sorted(registry.quantizers),
+            "adapters": sorted(registry.adapters),
             "aliases": {a: t for a, t in sorted(TRAINER_ALIASES.items()) if t in registry.trainers},
         }
         typer.echo(json.dumps(payload, indent=2))
@@ -38,7 +39,7 @@ def list_plugins(as_json: bool = typer.Option(False, "--json", help="Print machi
         for col in ("name", "package", "version", "kind", "provides", "hooks"):
             table.add_column(col)
         for p in registry.plugins:
-            provides = [t + "".join(f" (alias {a})" for a in aliases_of(t)) for t in p.trainers] + p.quantizers
+            provides = [t + "".join(f" (alias {a})" for a in aliases_of(t)) for t in p.trainers] + p.quantizers + p.adapters
             table.add_row(p.name, p.package, p.version, p.kind, ", ".join(provides) or "-",
                           ", ".join(h.removeprefix("qflux_") for h in p.hooks))
         console.print(table)

@@ -37,7 +37,8 @@ def sample(
     out: Path = path_option("--out", help="Where to write the PNG.", default=...),
     steps: int = typer.Option(28, "--steps", min=1),
     seed: int = typer.Option(0, "--seed"),
-    guidance: float = typer.Option(2.5, "--guidance", help="Distilled guidance (Kontext)."),
+    guidance: float | None = typer.Option(None, "--guidance", help="Distilled guidance of a guidance-distilled "
+                                          "model (Kontext); default: the trainer's (model.options)."),
     true_cfg: float = typer.Option(1.0, "--true-cfg", help="> 1 enables true CFG with --negative-prompt."),
     negative_prompt: str = typer.Option("", "--negative-prompt"),
     trainer: str | None = typer.Option(None, "--trainer", help="Override the config's trainer."),
@@ -53,17 +54,21 @@ def sample(
     training fed it (by default the trainer's pipeline rule); --width/--height set the output size."""
     from PIL import Image
 
-    from qflux.config.preflight import check_model_source, check_writable
     from qflux.data import load_sample
     from qflux.data.records import FileImage, SampleRecord
     from qflux.plugins import build_registry
-    from qflux.types import ModelBundle, SampleRequest
+    from qflux.run.models import Selection, inference_bundle
+    from qflux.run.preflight import check_capabilities, check_model_source, check_plugins, check_writable
+    from qflux.types import SampleRequest
 
     cfg = load_config(pick_config(file, config, "sample"), set_, trainer)
     registry = build_registry()
-    info = registry.trainer(cfg.trainer)
-    if cfg.model.quantize:
-        registry.quantizer(cfg.model.quantize)
+    check_plugins(cfg, registry)
+    selection = Selection.of(cfg, registry)
+    info = selection.trainer.info
+    check_capabilities(cfg, selection.trainer, "qflux sample")
+    if selection.quantizer is not None:
+        selection.quantizer.check(cfg.model)
     for path in image:
         if not path.is_file():
             raise UserError(f"--image: file not found: {path}")
@@ -74,7 +79,7 @@ def sample(
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'edit.png'}")
     check_writable(out.parent, "--out")
-    from qflux.training.lora import load_lora_file, lora_file_shapes
+    from qflux.adapters.lora_files import lora_file_shapes
 
     if lora is not None:
         lora_file_shapes(lora)  # a missing or non-safetensors file fails before any model loads
@@ -83,8 +88,8 @@ def sample(
     record = SampleRecord(key="sample", prompt=prompt, target=refs[0] if refs else None, controls=refs)
     data, sizes_from = cfg.data, "the config's data section"
     if lora is not None:
+        from qflux.adapters.lora_files import read_lora_metadata
         from qflux.data.trained_sizes import trained_data
-        from qflux.training.lora import read_lora_metadata
 
         if (trained := trained_data(cfg.data, read_lora_metadata(lora), f"--lora {lora}")) is not None:
             data, sizes_from = trained, f"the sizes {lora.name} was trained with"
@@ -94,17 +99,11 @@ def sample(
     if (width, height) != planned:
         sizes_from = "--width/--height"
 
-    transformer = registry.hook.qflux_load_transformer(trainer=info, model=cfg.model)
-    if cfg.model.quantize:
-        transformer = registry.hook.qflux_quantize(transformer=transformer, method=cfg.model.quantize, model=cfg.model)
-    if lora is not None:
-        load_lora_file(transformer, lora)
-    encoders = registry.hook.qflux_load_encoders(trainer=info, model=cfg.model)
-    bundle = ModelBundle(trainer=info, model=cfg.model, transformer=transformer, encoders=encoders)
+    bundle = inference_bundle(selection, cfg, lora)
     request = SampleRequest(prompt=prompt, controls=request_sample.controls, height=height, width=width, steps=steps,
                             seed=seed, guidance=guidance, true_cfg=true_cfg, negative_prompt=negative_prompt,
                             vl_controls=request_sample.vl_controls)
-    result = registry.hook.qflux_sample(bundle=bundle, request=request)
+    result = selection.trainer.sample(bundle, request)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     typer.echo(f"wrote {out} ({width}x{height}, size from {sizes_from})")

@@ -1,6 +1,6 @@
 """``qflux train FILE|--config FILE [--trainer NAME] [--set k=v ...] [--resume | --resume-from CKPT]``.
 
-Before anything is written, ``qflux.config.preflight.check_run`` checks every mistake it can find without a
+Before anything is written, ``qflux.run.preflight.check_run`` checks every mistake it can find without a
 model (config, plugins, model folder, output and cache folders, resume checkpoint, every data sample). The
 loop creates ``output.dir`` only once the models loaded and the cache folder only with its first entry, so a
 run that fails earlier leaves nothing behind.
@@ -30,8 +30,8 @@ def train(
     allow_no_controls: bool = typer.Option(False, "--allow-no-controls", help=ALLOW_NO_CONTROLS_HELP),
 ) -> None:
     """Train a LoRA as configured; writes the LoRA, checkpoints, samples and logs under output.dir."""
-    from qflux.config.preflight import check_run
     from qflux.plugins import build_registry
+    from qflux.run.preflight import check_run
 
     if resume and resume_from is not None:
         raise UserError("use either --resume or --resume-from, not both")
@@ -45,10 +45,10 @@ def train(
     how = resume_from if resume_from is not None else resume
     check_run(cfg, registry, resume=how)
 
-    from qflux.training.loop import train as run_training
+    from qflux.run.train import train as run_training
 
     if cache:
-        from qflux.cache.build import build_cache
+        from qflux.run.cache import build_cache
 
         build_cache(cfg, registry)
     run_training(cfg, registry=registry, resume=how)

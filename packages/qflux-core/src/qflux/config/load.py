@@ -123,9 +123,43 @@ def load_config(path: str | Path | None, overrides: list[str] = (), trainer: str
     return validate(data, source)
 
 
-def validate(data: dict[str, Any], source: str) -> QfluxConfig:
-    from qflux.plugins import canonical_trainer
+# Keys that moved into a trainer's own options (``model.options``, validated by its ``Trainer.Options``): the
+# old key, its old default (a config that kept it says nothing new: dropped), and the option it became.
+MOVED_TO_OPTIONS = {
+    ("model", "guidance"): (1.0, "guidance"),
+    ("validation", "guidance"): (2.5, "sample_guidance"),
+}
 
+
+def migrate(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Old keys rewritten to where they live now, each with a ``ConfigDeprecation`` warning."""
+    import warnings
+
+    from qflux.errors import ConfigDeprecation
+
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for (section, key), (old_default, option) in MOVED_TO_OPTIONS.items():
+        values = data.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        value = values.pop(key)
+        model = data.setdefault("model", {}) if isinstance(data.get("model", {}), dict) else None
+        if model is None:
+            continue
+        if value != old_default:
+            options = dict(model.get("options") or {})
+            options.setdefault(option, value)
+            model["options"] = options
+        warnings.warn(f"{source}: {section}.{key} is now the trainer's option model.options.{option} "
+                      f"(docs/config.md); {'moved there' if value != old_default else 'its default, dropped'}",
+                      ConfigDeprecation, stacklevel=3)
+    return data
+
+
+def validate(data: dict[str, Any], source: str) -> QfluxConfig:
+    from qflux.known import canonical_trainer
+
+    data = migrate(data, source)
     if isinstance(data.get("trainer"), str):  # a dated alias (qwen-edit-2509) is saved under its trainer's name
         data = {**data, "trainer": canonical_trainer(data["trainer"])}
     try:
@@ -268,3 +302,25 @@ def _did_you_mean(loc: list[str]) -> list[str]:
         by_leaf.setdefault(k.rpartition(".")[2], []).append(k)
     match = difflib.get_close_matches(bad, list(by_leaf), n=1, cutoff=0.75)
     return by_leaf[match[0]] if match else []
+
+
+def validate_options(options_model: type[BaseModel], raw: dict[str, Any], key: str, owner: str) -> BaseModel:
+    """A plugin's own keys (``model.options`` of a trainer, ``model.adapter_options`` of an adapter) validated
+    by its pydantic model, errors explained like the core's: the dotted key, what is wrong, did you mean."""
+    try:
+        return options_model.model_validate(raw)
+    except ValidationError as err:
+        known = list(options_model.model_fields)
+        lines = []
+        for error in err.errors():
+            loc = [str(p) for p in error["loc"]]
+            dotted = ".".join([key, *loc])
+            if error["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+                hint = f"did you mean '{key}.{close[0]}'? " if close else ""
+                lines.append(f"unknown key '{dotted}' ({hint}{owner} takes: {', '.join(known) or 'no keys'})")
+            else:
+                got = error.get("input")
+                got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+                lines.append(f"'{dotted}': {str(error['msg']).removeprefix('Value error, ')}{got_text}")
+        raise ConfigError("invalid config\n" + "\n".join(f"  - {line}" for line in dict.fromkeys(lines))) from err

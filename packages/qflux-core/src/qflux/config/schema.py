@@ -45,9 +45,10 @@ class ModelConfig(Section):
     # precision; the timestep/guidance/text embeddings, the final norm and the output projection never are.
     quantize_skip: list[str] = Field(default_factory=list)
     gradient_checkpointing: bool = False
-    guidance: float = 1.0  # guidance embedding value during training (FLUX.1 Kontext-dev)
     max_sequence_length: int | None = Field(None, ge=1)  # prompt tokens; None: the trainer's default
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    adapter: str = "lora"  # a registered adapter kind (qflux: lora; plugins add others)
+    lora: LoraConfig = Field(default_factory=LoraConfig)  # the lora adapter's options
+    adapter_options: dict[str, Any] = Field(default_factory=dict)  # another adapter kind's options
     # the trainer's own keys, validated by its ``Trainer.Options`` model in preflight (docs/config.md)
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -155,7 +156,6 @@ class ValidationConfig(Section):
     every: int = Field(100, ge=0)  # 0 = off
     steps: int = Field(20, ge=1)
     seed: int = 0
-    guidance: float = 2.5
     true_cfg: float = 1.0
     samples: list[ValidationSample] = Field(default_factory=list)
     from_holdout: int = Field(0, ge=0)  # also sample this many held-out data samples

@@ -217,7 +217,7 @@ def _sample(sample: dict[str, Any], result: ImportResult) -> None:
         result.set("validation.seed", int(sample["seed"]))
     if "guidance_scale" in sample:
         # Kontext's guidance is the distilled guidance embedding; the Qwen models use true CFG
-        key = "validation.guidance" if result.get("trainer") == "kontext" else "validation.true_cfg"
+        key = "model.options.sample_guidance" if result.get("trainer") == "kontext" else "validation.true_cfg"
         result.set(key, float(sample["guidance_scale"]))
     negative = str(sample.get("neg") or "")
     cases = []

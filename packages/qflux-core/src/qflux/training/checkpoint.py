@@ -9,7 +9,6 @@ Everything is read back through safetensors or ``torch.load(weights_only=True)``
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -23,13 +22,12 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
-from qflux.errors import UserError
+from qflux.errors import UserError, write_failure
 from qflux.filemodes import give_normal_mode
-
-MANIFEST = "manifest.json"
-LORA = "lora.safetensors"
-TRAINING = "training_state.pt"
-STATE = "state.json"
+from qflux.layout import CHECKPOINT_ADAPTER as LORA
+from qflux.layout import CHECKPOINT_MANIFEST as MANIFEST
+from qflux.layout import CHECKPOINT_STATE as STATE
+from qflux.layout import CHECKPOINT_TRAINING as TRAINING
 
 
 @dataclass
@@ -62,22 +60,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_failure(err: OSError, what: str, key: str = "output.dir") -> UserError:
-    """A ``UserError`` for a failed write of ``what`` (a full disk, a read-only folder, a file size limit):
-    names the file and the reason and says what to do."""
-    reason = err.strerror or str(err)
-    where = f" ({err.filename})" if err.filename else ""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = f"the disk is full: free space on it or set {key} to a disk with room"
-    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = f"the folder is not writable: make it writable or set {key} to a writable folder"
-    elif err.errno == errno.EFBIG:
-        fix = "a file size limit stopped the write (ulimit -f): raise it"
-    else:
-        fix = f"check the disk or set {key} to another folder"
-    return UserError(f"cannot write {what}{where}: {reason}; {fix}")
 
 
 def _write(path: Path, data: bytes | memoryview) -> None:

@@ -1,4 +1,4 @@
-"""Turn data records into ``EncodedSample``s through the trainer's ``qflux_encode`` hook.
+"""Turn data records into ``EncodedSample``s through the selected ``Trainer.encode``.
 
 The encoders are loaded lazily (``LazyEncoders``) so a run that needs no encoding never loads them, and
 moved to the training device for encoding. With the cache on, training reads each sample from disk when
@@ -16,7 +16,8 @@ import torch
 from qflux.cache import CacheContext, EmbeddingCache, entry_key
 from qflux.config.schema import QfluxConfig
 from qflux.model_source import torch_dtype
-from qflux.types import EncodedSample, PromptEmbeds, TrainerInfo
+from qflux.trainer import Trainer
+from qflux.types import EncodedSample, PromptEmbeds
 
 
 def training_device() -> torch.device:
@@ -30,10 +31,10 @@ def training_device() -> torch.device:
 
 
 class LazyEncoders:
-    """Loads the trainer's encoders through ``qflux_load_encoders`` on first access, once."""
+    """Loads the trainer's encoders (``Trainer.load_encoders``) on first access, once."""
 
-    def __init__(self, hook: Any, trainer: TrainerInfo, config: QfluxConfig, device: Any = None) -> None:
-        self._hook, self._trainer, self._config, self._device = hook, trainer, config, device
+    def __init__(self, trainer: Trainer, config: QfluxConfig, device: Any = None) -> None:
+        self._trainer, self._config, self._device = trainer, config, device
         self._value: Any = None
 
     @property
@@ -51,9 +52,7 @@ class LazyEncoders:
 
     def get(self) -> Any:
         if self._value is None:
-            self._value = self._hook.qflux_load_encoders(trainer=self._trainer, model=self._config.model)
-            if self._value is None:
-                raise RuntimeError(f"no plugin implements qflux_load_encoders for trainer '{self._trainer.name}'")
+            self._value = self._trainer.load_encoders(self._config.model)
             if self._device is not None and hasattr(self._value, "to"):  # encode on the GPU when there is one
                 self._value = self._value.to(self._device)
         return self._value
@@ -61,8 +60,7 @@ class LazyEncoders:
 
 def encode_records(
     records: Sequence[Any],
-    hook: Any,
-    trainer: TrainerInfo,
+    trainer: Trainer,
     encoders: LazyEncoders,
     config: QfluxConfig,
     cache: EmbeddingCache | None = None,
@@ -91,11 +89,8 @@ def encode_records(
     dtype = torch_dtype(config.model)
     for start in range(0, len(missing), chunk):
         part = missing[start : start + chunk]
-        samples = [load_sample(records[i], config.data, trainer.condition_sizing) for i in part]
-        encoded = hook.qflux_encode(trainer=trainer, encoders=encoders.get(), samples=samples, model=config.model,
-                                    empty_prompt=with_empty)
-        if encoded is None:
-            raise RuntimeError(f"no plugin implements qflux_encode for trainer '{trainer.name}'")
+        samples = [load_sample(records[i], config.data, trainer.info.condition_sizing) for i in part]
+        encoded = trainer.encode(encoders.get(), samples, config.model, with_empty)
         for i, sample in zip(part, encoded):
             out[i] = sample = in_dtype(sample, dtype)
             if cache is not None and keys[i] is not None:
@@ -141,28 +136,27 @@ class CachedSamples(Sequence):
         return replace(sample, key=self._records[index].key)
 
 
-def fill_cache(records: Sequence[Any], hook: Any, trainer: TrainerInfo, encoders: LazyEncoders,
+def fill_cache(records: Sequence[Any], trainer: Trainer, encoders: LazyEncoders,
                config: QfluxConfig, cache: EmbeddingCache, context: CacheContext) -> list[str]:
     """Encode the records that have no entry yet into the cache; returns every record's key."""
     keys = [entry_key(context, r.fingerprint()) for r in records]
-    encode_records([r for r, k in zip(records, keys) if k not in cache], hook, trainer, encoders, config, cache,
-                   context)
+    encode_records([r for r, k in zip(records, keys) if k not in cache], trainer, encoders, config, cache, context)
     return keys
 
 
-def prepare_samples(records: Sequence[Any], hook: Any, trainer: TrainerInfo, encoders: LazyEncoders,
+def prepare_samples(records: Sequence[Any], trainer: Trainer, encoders: LazyEncoders,
                     config: QfluxConfig, cache: EmbeddingCache | None, context: CacheContext | None,
                     ) -> Sequence[EncodedSample]:
     """The training samples: with a cache, every record is encoded into it (missing ones only) and read back
     lazily; without one, all are encoded into memory."""
     if cache is None or context is None:
-        return encode_records(records, hook, trainer, encoders, config)
-    keys = fill_cache(records, hook, trainer, encoders, config, cache, context)
+        return encode_records(records, trainer, encoders, config)
+    keys = fill_cache(records, trainer, encoders, config, cache, context)
 
     def reencode(record: Any) -> EncodedSample:
         """An entry found bad mid-run: encode it again, then free the encoders if only this needed them."""
         was_loaded = encoders.loaded
-        sample = encode_records([record], hook, trainer, encoders, config, cache, context)[0]
+        sample = encode_records([record], trainer, encoders, config, cache, context)[0]
         if not was_loaded:
             encoders.release()
         return sample

@@ -4,7 +4,7 @@ Lowering the learning rate and continuing is common, so a resume **applies** the
 ``loss`` settings (``train.lr``, ``weight_decay``, ``scheduler``, ``warmup_steps``, ``max_grad_norm``,
 ``max_steps``, ...) and says which, old -> new; ``config.yaml`` then records what runs, and ``metrics.jsonl``
 the step each change took effect. What the checkpoint's state was built for cannot change: the keys of the
-config fingerprint (model, data, batch, seed, optimizer, timestep sampling; ``qflux.training.loop``) and
+config fingerprint (model, data, batch, seed, optimizer, timestep sampling; ``qflux.run.train``) and
 ``train.optimizer_args`` (an optimizer state of other arguments may lack the tensors the new ones need).
 
 Restoring the optimizer and scheduler state dicts would bring back the old hyper-parameters with them
@@ -25,7 +25,7 @@ from qflux.config.schema import QfluxConfig
 from qflux.errors import ConfigError
 from qflux.training.optim import BUILTIN_OPTIMIZERS
 
-# train keys the fingerprint already refuses (named by qflux.config.preflight), and one it cannot see
+# train keys the fingerprint already refuses (named by qflux.run.preflight), and one it cannot see
 FINGERPRINTED = frozenset({"batch_size", "grad_accum", "seed", "optimizer", "timestep_sampling"})
 FIXED = frozenset({"optimizer_args"})
 REPORTED_SECTIONS = ("train", "loss")

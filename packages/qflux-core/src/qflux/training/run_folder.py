@@ -2,7 +2,7 @@
 
 A finished run is hours of GPU time: a new run never writes into a folder that holds one (its LoRA,
 ``config.yaml`` and ``metrics.jsonl`` would be replaced or mixed), and ``--resume`` never starts from step 0
-without a word when there is nothing to continue. ``qflux.config.preflight.check_output`` (before any work)
+without a word when there is nothing to continue. ``qflux.run.preflight.check_output`` (before any work)
 and the training loop (for API callers) ask the same questions here, so they cannot disagree.
 """
 
@@ -14,8 +14,8 @@ from enum import Enum
 from pathlib import Path
 
 from qflux.errors import UserError
+from qflux.layout import LORA_FILE
 from qflux.training import checkpoint as ckpt
-from qflux.training.lora import LORA_FILE
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -28,10 +28,11 @@ class RunFolder:
 
     path: Path
     checkpoints: tuple[Path, ...]  # checkpoints/step-*/, oldest first
-    lora: bool  # the exported LoRA
+    lora: bool  # the exported adapter file
     metrics: bool
     config: bool
     samples: bool  # validation grids
+    adapter_file: str = LORA_FILE  # its name (``Adapter.file_name``)
 
     @property
     def holds_run(self) -> bool:
@@ -44,18 +45,19 @@ class RunFolder:
             names = [p.name for p in self.checkpoints]
             shown = ", ".join(names[-3:]) if len(names) <= 3 else f"{len(names)} of them, latest {names[-1]}"
             items.append(f"checkpoints/ ({shown})")
-        items += [name for name, there in ((LORA_FILE, self.lora), (METRICS_FILE, self.metrics),
+        items += [name for name, there in ((self.adapter_file, self.lora), (METRICS_FILE, self.metrics),
                                            (CONFIG_FILE, self.config), (f"{SAMPLES_DIR}/", self.samples)) if there]
         return ", ".join(items)
 
 
-def inspect_folder(path: Path) -> RunFolder:
-    """The run files in ``path`` (a missing folder holds none)."""
+def inspect_folder(path: Path, adapter_file: str = LORA_FILE) -> RunFolder:
+    """The run files in ``path`` (a missing folder holds none); ``adapter_file``: the name of the run's
+    exported adapter (``Adapter.file_name``)."""
     samples = path / SAMPLES_DIR
     return RunFolder(
         path=path,
         checkpoints=tuple(ckpt.list_checkpoints(path)),
-        lora=(path / LORA_FILE).is_file(),
+        lora=(path / adapter_file).is_file(),
         metrics=(path / METRICS_FILE).is_file(),
         config=(path / CONFIG_FILE).is_file(),
         samples=samples.is_dir() and any(samples.glob("step-*")),
@@ -126,10 +128,11 @@ def check_resume_from(folder: RunFolder, checkpoint: Path) -> None:
                         f"{folder.found()}); set output.dir to the folder of that checkpoint's run, or to a new one")
 
 
-def resume_point(output_dir: Path, resume: bool | Path, warn: Callable[[str], None]) -> Path | None:
+def resume_point(output_dir: Path, resume: bool | Path, warn: Callable[[str], None],
+                 adapter_file: str = LORA_FILE) -> Path | None:
     """The checkpoint to continue from (None: a new run), after refusing what would overwrite or silently
     restart a run. ``resume`` is False (a new run), True (``--resume``) or a checkpoint (``--resume-from``)."""
-    folder = inspect_folder(output_dir)
+    folder = inspect_folder(output_dir, adapter_file)
     if resume is False:
         refuse_existing_run(folder)
         return None
@@ -151,16 +154,26 @@ class Remaining(Enum):
     NOTHING = "nothing"  # the run is complete: its LoRA is the checkpoint's
 
 
-def exported_from(output_dir: Path, checkpoint: Path) -> bool:
-    """Whether the exported LoRA of ``output_dir`` holds exactly the checkpoint's tensors (the export of an
+def exported_from(output_dir: Path, checkpoint: Path, adapter_file: str = LORA_FILE) -> bool:
+    """Whether the exported adapter of ``output_dir`` is of the checkpoint's weights (the export of an
     earlier, shorter run does not count: a run resumed with a higher max_steps and killed after its last
-    checkpoint still needs its export)."""
+    checkpoint still needs its export). Both files record the digest of the adapter's state
+    (``STATE_DIGEST``): the export may hold the weights in another form (LoRA: alpha / rank baked in). Files
+    without it (qflux 0.2) are compared tensor by tensor."""
     import torch
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    from qflux.adapters.base import STATE_DIGEST
+
     try:
-        exported = load_file(str(output_dir / LORA_FILE))
+        with safe_open(str(output_dir / adapter_file), "pt") as f:
+            exported_digest = (f.metadata() or {}).get(STATE_DIGEST)
+        with safe_open(str(checkpoint / ckpt.LORA), "pt") as f:
+            saved_digest = (f.metadata() or {}).get(STATE_DIGEST)
+        if exported_digest is not None and saved_digest is not None:
+            return exported_digest == saved_digest
+        exported = load_file(str(output_dir / adapter_file))
         saved = load_file(str(checkpoint / ckpt.LORA))
     except (OSError, SafetensorError):
         return False
@@ -173,14 +186,15 @@ def _unprefixed(tensors: dict) -> dict:
     return {k.removeprefix("transformer."): v for k, v in tensors.items()}
 
 
-def remaining_work(output_dir: Path, checkpoint: Path, step: int, max_steps: int) -> Remaining:
+def remaining_work(output_dir: Path, checkpoint: Path, step: int, max_steps: int,
+                   adapter_file: str = LORA_FILE) -> Remaining:
     """What a resume from ``checkpoint`` (at ``step``) has left to do under ``train.max_steps``.
 
     Past ``max_steps`` with its LoRA exported there is nothing to do; without the export, finishing would
     write a LoRA of more steps than ``config.yaml`` records: refused (raise ``train.max_steps`` instead)."""
     if step < max_steps:
         return Remaining.TRAIN
-    if exported_from(output_dir, checkpoint):
+    if exported_from(output_dir, checkpoint, adapter_file):
         return Remaining.NOTHING
     if step == max_steps:
         return Remaining.EXPORT
@@ -188,9 +202,9 @@ def remaining_work(output_dir: Path, checkpoint: Path, step: int, max_steps: int
                     f"its LoRA was not exported: set train.max_steps to {step} to export it, or higher to train on")
 
 
-def nothing_to_do(output_dir: Path, step: int, max_steps: int) -> str:
+def nothing_to_do(output_dir: Path, step: int, max_steps: int, adapter_file: str = LORA_FILE) -> str:
     """The message of a resume that finds its run complete (exit 0: a script that always resumes is done)."""
     more = f"train.max_steps is {max_steps}" + (" (lower than the run's steps)" if max_steps < step else "")
     return (f"nothing to do: the run in {output_dir} is complete at step {step} ({more}) and its LoRA "
-            f"{output_dir / LORA_FILE} is of that step; to train further, raise train.max_steps "
+            f"{output_dir / adapter_file} is of that step; to train further, raise train.max_steps "
             f"(e.g. --set train.max_steps={step * 2}) and resume again")

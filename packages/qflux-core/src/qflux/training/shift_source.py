@@ -4,9 +4,9 @@ FLUX.1 Kontext's scheduler says 0.5 -> 1.15 over 256 -> 4096 tokens, Qwen-Image'
 one hard-coded set would give the other model a much noisier training distribution (at 1 MP Qwen would see
 shift 3.16 instead of its own 2.0). Order of the sources:
 
-1. the trainer plugin's ``qflux_scheduler_config`` hook (it knows ``builtin:tiny`` and reads hub ids with
+1. the trainer's ``Trainer.scheduler_config`` (it knows ``builtin:tiny`` and reads hub ids with
    ``model.revision``);
-2. a diffusers folder's ``scheduler/scheduler_config.json`` (a third-party trainer without the hook);
+2. a diffusers folder's ``scheduler/scheduler_config.json`` (a trainer that does not implement it);
 3. diffusers' ``FlowMatchEulerDiscreteScheduler`` defaults, said aloud, since they are FLUX's.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 from qflux.config.schema import ModelConfig
 from qflux.errors import UserError
+from qflux.trainer import Trainer
 from qflux.training.timesteps import ShiftConstants
-from qflux.types import TrainerInfo
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,9 @@ def folder_scheduler_config(pretrained: str) -> dict[str, Any] | None:
         raise UserError(f"model.pretrained '{pretrained}': {file} is not valid JSON: {err}") from err
 
 
-def model_shift(hook: Any, trainer: TrainerInfo, model: ModelConfig) -> ModelShift:
+def model_shift(trainer: Trainer, model: ModelConfig) -> ModelShift:
     """The resolution-shift constants of ``model`` (see the module docstring for the order of sources)."""
-    config = hook.qflux_scheduler_config(trainer=trainer, model=model)
+    config = trainer.scheduler_config(model)
     source = f"the {trainer.name} plugin's scheduler config"
     if config is None:
         config = folder_scheduler_config(model.pretrained)

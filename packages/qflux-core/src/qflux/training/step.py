@@ -1,4 +1,4 @@
-"""One training forward: noise the target, predict through the trainer's hook, compute the loss hook."""
+"""One training forward: noise the target, ``Trainer.predict``, the ``qflux_loss`` hook."""
 
 from __future__ import annotations
 
@@ -11,20 +11,12 @@ from typing import Any
 import torch
 
 from qflux.config.schema import QfluxConfig
+from qflux.trainer import Trainer
 from qflux.training.batching import collate
 from qflux.training.timesteps import ShiftConstants, add_noise, sample_sigmas
-from qflux.types import Batch, EncodedSample, NoisyInput, TrainerInfo
+from qflux.types import Batch, EncodedSample, NoisyInput
 
 VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
-
-
-def predict(hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput,
-            config: QfluxConfig) -> torch.Tensor:
-    prediction = hook.qflux_predict(trainer=trainer, transformer=transformer, batch=batch, noisy=noisy,
-                                    model=config.model)
-    if prediction is None:
-        raise RuntimeError(f"no plugin implements qflux_predict for trainer '{trainer.name}'")
-    return prediction
 
 
 def loss_of(hook: Any, prediction: torch.Tensor, noisy: NoisyInput, batch: Batch, config: QfluxConfig) -> torch.Tensor:
@@ -62,7 +54,7 @@ def make_batch(samples: list[EncodedSample], config: QfluxConfig, epoch: int, de
     return collate(samples).to(device, dtype), generators
 
 
-def training_loss(hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch,
+def training_loss(hook: Any, trainer: Trainer, transformer: torch.nn.Module, batch: Batch,
                   config: QfluxConfig, generators: list[torch.Generator],
                   shift: ShiftConstants | None = None) -> torch.Tensor:
     """Loss of one micro-batch (already on the device); ``generators[i]`` (CPU) draws sample i's sigma and
@@ -73,11 +65,11 @@ def training_loss(hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module,
     sigmas = torch.cat([sample_sigmas(1, num_tokens, config.train, g, shift) for g in generators]).to(latents.device)
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g, dtype=torch.float32) for g in generators])
     noisy = add_noise(latents, sigmas, noise.to(latents.device, latents.dtype))
-    return loss_of(hook, predict(hook, trainer, transformer, batch, noisy, config), noisy, batch, config)
+    return loss_of(hook, trainer.predict(transformer, batch, noisy, config.model), noisy, batch, config)
 
 
 @torch.no_grad()
-def validation_loss_sum(hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batches: list[Batch],
+def validation_loss_sum(hook: Any, trainer: Trainer, transformer: torch.nn.Module, batches: list[Batch],
                         config: QfluxConfig, seed: int) -> tuple[float, int]:
     """(sum of losses, count) over held-out batches at fixed sigmas with fixed per-sample noise: the mean is
     comparable between steps and does not depend on how batches are split across processes."""
@@ -89,13 +81,13 @@ def validation_loss_sum(hook: Any, trainer: TrainerInfo, transformer: torch.nn.M
             noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
             sigmas = torch.full((latents.shape[0],), sigma, device=latents.device)
             noisy = add_noise(latents, sigmas, noise.to(latents.device, latents.dtype))
-            loss = loss_of(hook, predict(hook, trainer, transformer, batch, noisy, config), noisy, batch, config)
+            loss = loss_of(hook, trainer.predict(transformer, batch, noisy, config.model), noisy, batch, config)
             total += float(loss) * latents.shape[0]
             count += latents.shape[0]
     return total, count
 
 
-def micro_step(accelerator: Any, hook: Any, trainer: TrainerInfo, transformer: torch.nn.Module, batch: Batch,
+def micro_step(accelerator: Any, hook: Any, trainer: Trainer, transformer: torch.nn.Module, batch: Batch,
                config: QfluxConfig, generators: list[torch.Generator], params: list[torch.nn.Parameter],
                optimizer: torch.optim.Optimizer,
                grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None,

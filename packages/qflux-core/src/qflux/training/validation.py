@@ -39,7 +39,7 @@ def cases_from_config(config: QfluxConfig, holdout: list[EditSample],
         width, height = sample.target.size if sample.target is not None else _default_size(config)
         cases.append(ValidationCase(
             SampleRequest(prompt=spec.prompt, controls=sample.controls, height=height, width=width, steps=v.steps,
-                          seed=v.seed + i, guidance=v.guidance, true_cfg=v.true_cfg, negative_prompt=spec.negative_prompt,
+                          seed=v.seed + i, true_cfg=v.true_cfg, negative_prompt=spec.negative_prompt,
                           vl_controls=sample.vl_controls),
             sample.target if spec.target else None,
         ))
@@ -47,7 +47,7 @@ def cases_from_config(config: QfluxConfig, holdout: list[EditSample],
         width, height = sample.target.size
         cases.append(ValidationCase(
             SampleRequest(prompt=sample.prompt, controls=sample.controls, height=height, width=width, steps=v.steps,
-                          seed=v.seed + len(v.samples) + j, guidance=v.guidance, true_cfg=v.true_cfg,
+                          seed=v.seed + len(v.samples) + j, true_cfg=v.true_cfg,
                           vl_controls=sample.vl_controls),
             sample.target,
             sample.mask,
@@ -59,14 +59,8 @@ def _default_size(config: QfluxConfig) -> tuple[int, int]:
     return config.data.resolution_spec.default_size
 
 
-def render(hook: Any, bundle: ModelBundle, cases: list[ValidationCase]) -> list[Image.Image]:
-    images = []
-    for case in cases:
-        image = hook.qflux_sample(bundle=bundle, request=case.request)
-        if image is None:
-            raise RuntimeError(f"no plugin implements qflux_sample for trainer '{bundle.trainer.name}'")
-        images.append(image)
-    return images
+def render(bundle: ModelBundle, cases: list[ValidationCase]) -> list[Image.Image]:
+    return [bundle.trainer.sample(bundle, case.request) for case in cases]
 
 
 GAP = 4  # pixels between tiles and rows

@@ -19,7 +19,6 @@ then leaves nothing behind (no ``output.dir``, no cache folder). What is checked
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -28,7 +27,10 @@ from typing import Any
 
 from qflux.config.schema import QfluxConfig
 from qflux.errors import ConfigError, UserError
+from qflux.layout import LORA_FILE
 from qflux.plugins import Registry
+from qflux.trainer import Trainer
+from qflux.training.fingerprint import config_fingerprint, differing_keys
 
 
 def check_config(config: QfluxConfig, registry: Registry, need_plugins: bool = True) -> None:
@@ -36,25 +38,61 @@ def check_config(config: QfluxConfig, registry: Registry, need_plugins: bool = T
     train`` and ``qflux data check`` (one list, so no check approves what ``train`` refuses). With
     ``need_plugins=False`` (``data check`` works without the trainer's package) a trainer or quantizer that is
     not installed skips the checks that need it instead of failing."""
-    from qflux.config.lora_targets import check_lora_targets
+    from qflux.run.lora_targets import check_lora_targets
+    from qflux.training.best import check_select_best
     from qflux.training.optim import check_optimizer, check_scheduler
     from qflux.training.sharding import check_fsdp
 
-    installed = need_plugins or config.trainer in registry.trainers
-    trainer = registry.trainer(config.trainer) if installed else None
-    if config.model.quantize and (need_plugins or config.model.quantize in registry.quantizers):
-        registry.quantizer(config.model.quantize)
+    trainer = check_plugins(config, registry, need_plugins)
     check_fsdp(config)
     check_optimizer(config.train)
     check_scheduler(config.train)
     check_data_settings(config)
     if trainer is not None:
-        check_model_source(config, trainer.pipeline, trainer.name)
-        check_lora_targets(config, trainer, registry)
+        check_model_source(config, trainer.info.pipeline, trainer.name)
+        check_lora_targets(config, trainer)
     check_validation_images(config)
-    from qflux.training.best import check_select_best
-
     check_select_best(config)
+
+
+def check_plugins(config: QfluxConfig, registry: Registry, need_plugins: bool = True) -> Trainer | None:
+    """The trainer, quantizer and adapter of ``config`` are installed and accept their options; the trainer
+    accepts the config (``Trainer.check``). Returns the trainer (None when it may be missing and is)."""
+    from qflux.config.load import validate_options
+
+    trainer = registry.trainer(config.trainer) if need_plugins or config.trainer in registry.trainers else None
+    if config.model.quantize and (need_plugins or config.model.quantize in registry.quantizers):
+        registry.quantizer(config.model.quantize)
+    adapter = registry.adapter(config.model.adapter)
+    if config.model.adapter_options and adapter.name == "lora":
+        raise ConfigError("model.adapter_options: the lora adapter takes its options from model.lora; "
+                          "move them there")
+    if adapter.name != "lora":
+        validate_options(adapter.Options, config.model.adapter_options, "model.adapter_options",
+                         f"the {adapter.name} adapter")
+    adapter.check(adapter.options_of(config.model), None)
+    if trainer is None:
+        return None
+    if trainer.Options is not None:
+        validate_options(trainer.Options, config.model.options, "model.options", f"the {trainer.name} trainer")
+    elif config.model.options:
+        raise ConfigError(f"model.options: the {trainer.name} trainer takes no options (got "
+                          f"{', '.join(sorted(config.model.options))})")
+    trainer.check(config)
+    return trainer
+
+
+def check_capabilities(config: QfluxConfig, trainer: Trainer, command: str = "qflux train") -> None:
+    """The stages ``command`` will call are implemented by the trainer (one line, exit 2, before any work)."""
+    if command == "qflux sample":
+        trainer.require("load_transformer", "load_encoders", "sample", why="qflux sample")
+        return
+    trainer.require("load_encoders", "encode", why=command)
+    if command == "qflux train":
+        trainer.require("load_transformer", "predict", why=command)
+        if config.validation.every and (config.validation.samples or config.validation.from_holdout):
+            trainer.require("sample", why="validation sampling (validation.every with samples or from_holdout; "
+                                          "set validation.every: 0 or drop them)")
 
 
 def check_data_settings(config: QfluxConfig) -> None:
@@ -70,7 +108,10 @@ def check_run(config: QfluxConfig, registry: Registry, resume: bool | Path = Fal
 
     check_world_size()  # `accelerate launch --cpu --num_processes N` started one process: say so first
     check_config(config, registry)
-    check_output(config, resume)
+    check_capabilities(config, registry.trainer(config.trainer))
+    if config.model.quantize:  # a missing bitsandbytes is found now, not after hours of encoding
+        registry.quantizer(config.model.quantize).check(config.model)
+    check_output(config, resume, registry.adapter(config.model.adapter).file_name)
     if config.cache.enabled:
         check_writable(Path(config.cache.dir), "cache.dir")
     check_data(config, registry)
@@ -78,11 +119,12 @@ def check_run(config: QfluxConfig, registry: Registry, resume: bool | Path = Fal
 
 def check_cache_run(config: QfluxConfig, registry: Registry) -> None:
     """What ``qflux cache`` (build) can check before it writes anything."""
-    trainer = registry.trainer(config.trainer)
     if not config.cache.enabled:
         raise ConfigError("cache.enabled is false: set it to true (--set cache.enabled=true) to build the cache")
+    trainer = check_plugins(config, registry)
+    check_capabilities(config, trainer, "qflux cache")
     check_data_settings(config)
-    check_model_source(config, trainer.pipeline, trainer.name)
+    check_model_source(config, trainer.info.pipeline, trainer.name)
     check_writable(Path(config.cache.dir), "cache.dir")
     check_data(config, registry)
 
@@ -159,16 +201,15 @@ def check_model_source(config: QfluxConfig, pipeline: str, trainer: str) -> None
     """A local ``model.pretrained`` folder: it exists, holds every component ``model_index.json`` lists, and
     its components are of the classes the trainer's pipeline needs. Hub ids and ``builtin:`` names are left
     to the trainer's loader."""
-    source = config.model.pretrained
-    if source.startswith("builtin:"):
+    from qflux.model_source import ModelSource
+
+    found = ModelSource.of(config.model)
+    source, path = found.pretrained, found.path
+    if path is None:  # a hub id or a builtin: left to the loader
         return
-    path = Path(source).expanduser()
-    looks_local = source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
     if not path.exists():
-        if looks_local:
-            raise ConfigError(f"model.pretrained: folder {source} does not exist; set it to a diffusers folder, "
-                              "a hub id (OWNER/NAME) or builtin:tiny")
-        return  # a hub id
+        raise ConfigError(f"model.pretrained: folder {source} does not exist; set it to a diffusers folder, "
+                          "a hub id (OWNER/NAME) or builtin:tiny")
     if not path.is_dir():
         raise ConfigError(f"model.pretrained: {source} is a file; set it to a diffusers folder (the one holding "
                           "model_index.json), a hub id or builtin:tiny")
@@ -210,26 +251,6 @@ def check_model_source(config: QfluxConfig, pipeline: str, trainer: str) -> None
 # --------------------------------------------------------------------------- output and resume
 
 
-def _fingerprint_parts(config: QfluxConfig) -> dict[str, Any]:
-    """The config parts ``qflux.training.loop.config_fingerprint`` hashes (to name the keys that differ)."""
-    return {
-        "trainer": config.trainer,
-        "model": config.model.model_dump(mode="json"),
-        "data": config.data.model_dump(mode="json"),
-        "train": config.train.model_dump(mode="json", include={"batch_size", "grad_accum", "seed", "optimizer",
-                                                                 "timestep_sampling"}),
-    }
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
 def _differing_keys(checkpoint: Path, config: QfluxConfig, fingerprint: Callable[[QfluxConfig], str],
                     expected: str) -> list[str]:
     """``key: old -> new`` for the resume-relevant keys where the run that wrote ``checkpoint`` (its
@@ -243,15 +264,10 @@ def _differing_keys(checkpoint: Path, config: QfluxConfig, fingerprint: Callable
         return []
     if fingerprint(old) != expected:  # config.yaml is not the config of that checkpoint
         return []
-    if hashlib.sha256(json.dumps(_fingerprint_parts(config), sort_keys=True).encode()).hexdigest()[:16] != \
-            fingerprint(config):  # the fingerprint's parts changed in the loop: do not guess
-        return []
-    before, after = _flat(_fingerprint_parts(old)), _flat(_fingerprint_parts(config))
-    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-            if before.get(k) != after.get(k)]
+    return differing_keys(old, config)
 
 
-def check_output(config: QfluxConfig, resume: bool | Path = False) -> None:
+def check_output(config: QfluxConfig, resume: bool | Path = False, adapter_file: str = LORA_FILE) -> None:
     """``output.dir`` is writable and holds no run unless resuming; a resume has a checkpoint to continue
     (``qflux.training.run_folder``), intact, of the same config (the differing keys named), changes no
     setting a resume cannot apply (``qflux.training.resume``), and is not past ``train.max_steps`` unexported."""
@@ -261,13 +277,13 @@ def check_output(config: QfluxConfig, resume: bool | Path = False) -> None:
     check_writable(output, "output.dir")
     if isinstance(resume, Path):
         _check_usable_checkpoint(resume)
-    path = resume_point(output, resume, lambda message: None)
+    path = resume_point(output, resume, lambda message: None, adapter_file)
     if path is None:
         return
     state = _checkpoint_state(path)
     check_same_config(path, str(state.get("config_fingerprint")), config)
     _check_resume_settings(path, config)
-    remaining_work(output, path, int(state.get("step", 0)), config.train.max_steps)
+    remaining_work(output, path, int(state.get("step", 0)), config.train.max_steps, adapter_file)
 
 
 def _check_usable_checkpoint(path: Path) -> None:
@@ -292,8 +308,6 @@ def _checkpoint_state(path: Path) -> dict[str, Any]:
 
 def check_same_config(path: Path, written_with: str, config: QfluxConfig) -> None:
     """The fingerprinted settings (model, data, batch) are those the checkpoint was written with."""
-    from qflux.training.loop import config_fingerprint
-
     if written_with == config_fingerprint(config):
         return
     keys = _differing_keys(path, config, config_fingerprint, written_with)
@@ -305,7 +319,6 @@ def check_same_config(path: Path, written_with: str, config: QfluxConfig) -> Non
 
 def _check_resume_settings(path: Path, config: QfluxConfig) -> None:
     """No setting changed that a resume cannot apply (the others are applied and listed by the loop)."""
-    from qflux.training.loop import config_fingerprint
     from qflux.training.resume import previous_settings, refuse_fixed, settings_changes
 
     refuse_fixed(settings_changes(previous_settings(path, config_fingerprint), config), path)
@@ -342,8 +355,8 @@ def check_data(config: QfluxConfig, registry: Registry) -> None:
 
     trainer = registry.trainer(config.trainer)
     decoded = _cached_predicate(config, registry)
-    records = validate_dataset(config.data, max_controls=trainer.max_controls, decoded=decoded,
-                               needs_controls=trainer.needs_controls)
+    records = validate_dataset(config.data, max_controls=trainer.info.max_controls, decoded=decoded,
+                               needs_controls=trainer.info.needs_controls)
     if config.data.holdout and len(records) < 2:
         raise ConfigError(f"data.holdout={config.data.holdout} needs at least 2 samples, the dataset has "
                           f"{len(records)}: add samples or set data.holdout: 0")

@@ -45,10 +45,10 @@ def build_cache(config: QfluxConfig, registry: Registry, console: Console | None
     records = open_records(config.data)
     before = sum(1 for r in records if cache.get(_key(context, r)) is not None)
     # on the device training would use (the GPU when there is one), as the training loop encodes
-    encoders = LazyEncoders(registry.hook, trainer, config, training_device())
+    encoders = LazyEncoders(trainer, config, training_device())
     started = time.perf_counter()
     with console.status(f"caching {len(records)} samples in {cache.root}"):
-        encode_records(records, registry.hook, trainer, encoders, config, cache=cache, context=context)
+        encode_records(records, trainer, encoders, config, cache=cache, context=context)
     loaded = encoders.loaded
     encoders.release()  # `train --cache` loads the transformer next: keep nothing of the encoders on the device
     return CacheBuildReport(len(records), len(records) - before, time.perf_counter() - started, loaded)

@@ -18,70 +18,44 @@ from typing import TYPE_CHECKING, Any
 from qflux.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
     from qflux.config.schema import QfluxConfig
-    from qflux.plugins import Registry
-    from qflux.types import TrainerInfo
+    from qflux.trainer import Trainer
 
 
-def missing_targets(targets: list[str], module_names: list[str]) -> list[str]:
-    """The targets no module matches; peft's rule: a target is a whole name or a dotted suffix of one."""
-    leaves = {name.rsplit(".", 1)[-1] for name in module_names}
-    return [t for t in targets if t not in leaves and not any(n == t or n.endswith("." + t) for n in module_names)]
-
-
-def linear_leaves(transformer: torch.nn.Module) -> list[str]:
-    """Short names of the Linear layers (``to_out.0``: a numbered child is named with its parent)."""
-    import torch
-
-    def leaf(name: str) -> str:
-        parts = name.split(".")
-        return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
-
-    return sorted({leaf(n) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)})
-
-
-def targets_message(missing: list[str], transformer: torch.nn.Module) -> str:
-    import difflib
-
-    linear = linear_leaves(transformer)
-    close = [c for t in missing for c in difflib.get_close_matches(t, linear, n=1, cutoff=0.6)]
-    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-    return (f"model.lora.targets: no module named {', '.join(repr(t) for t in missing)} in "
-            f"{type(transformer).__name__}; {hint}its linear layers are named "
-            f"{', '.join(linear[:24])}{' ...' if len(linear) > 24 else ''}")
-
-
-def check_lora_targets(config: QfluxConfig, trainer: TrainerInfo, registry: Registry) -> None:
+def check_lora_targets(config: QfluxConfig, trainer: Trainer) -> None:
     """``ConfigError`` naming each target the transformer has no module for (with did-you-mean). Only targets
     the config sets are checked here (a typo is the user's; importing diffusers costs seconds): the default
     ones are checked when the model loads."""
     if "targets" not in config.model.lora.model_fields_set:
         return
-    transformer = meta_transformer(config, trainer, registry)
+    transformer = meta_transformer(config, trainer)
     if transformer is None:
         return
+    from qflux.adapters.lora_files import missing_targets, targets_message
+
     missing = missing_targets(list(config.model.lora.targets), [n for n, _ in transformer.named_modules()])
     if missing:
         raise ConfigError(targets_message(missing, transformer))
 
 
-def meta_transformer(config: QfluxConfig, trainer: TrainerInfo, registry: Registry) -> Any | None:
+def meta_transformer(config: QfluxConfig, trainer: Trainer) -> Any | None:
     """The trainer's transformer on the meta device, or None when its class or config is not known offline."""
     import torch
 
-    source = config.model.pretrained
+    from qflux.model_source import ModelSource
+
+    source = ModelSource.of(config.model)
     try:
-        if source == "builtin:tiny":
-            build = _tiny_builder(trainer, registry)
+        if source.is_tiny:
+            build = _tiny_builder(trainer)
             if build is None:
                 return None
             with torch.device("meta"):
                 return build()
-        if not Path(source).is_dir():
+        if source.path is None or not source.path.is_dir():
             return None
-        cls, kwargs = _folder_transformer(Path(source), trainer)
+        cls, kwargs = _folder_transformer(source.path, trainer)
         if cls is None or kwargs is None:
             return None
         with torch.device("meta"):
@@ -99,28 +73,23 @@ def _pipeline_transformer_class(pipeline: str) -> type | None:
     return next((c for c in types.get("transformer", ()) if isinstance(c, type)), None)
 
 
-def _tiny_builder(trainer: TrainerInfo, registry: Registry) -> Callable[[], Any] | None:
-    """``tiny_transformer`` of the ``tiny`` module next to the plugin that registered ``trainer`` (called with
-    the trainer's name when it takes one: one plugin, several trainers)."""
+def _tiny_builder(trainer: Trainer) -> Callable[[], Any] | None:
+    """``tiny_transformer`` of the ``tiny`` module next to the module that defines the trainer's class (called
+    with the trainer's name when it takes one: one plugin, several trainers)."""
     import functools
     import inspect
 
-    for record in registry.plugins:
-        if trainer.name not in record.trainers:
-            continue
-        plugin = registry.pm.get_plugin(record.name)
-        package = getattr(plugin, "__name__", "").rpartition(".")[0]
-        try:
-            build = getattr(importlib.import_module(f"{package}.tiny"), "tiny_transformer", None)
-        except ImportError:
-            return None
-        if not callable(build):
-            return None
-        return functools.partial(build, trainer.name) if inspect.signature(build).parameters else build
-    return None
+    package = type(trainer).__module__.rpartition(".")[0]
+    try:
+        build = getattr(importlib.import_module(f"{package}.tiny"), "tiny_transformer", None)
+    except ImportError:
+        return None
+    if not callable(build):
+        return None
+    return functools.partial(build, trainer.name) if inspect.signature(build).parameters else build
 
 
-def _folder_transformer(folder: Path, trainer: TrainerInfo) -> tuple[type | None, dict[str, Any] | None]:
+def _folder_transformer(folder: Path, trainer: Trainer) -> tuple[type | None, dict[str, Any] | None]:
     cls = None
     try:
         entry = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("transformer")
@@ -128,7 +97,7 @@ def _folder_transformer(folder: Path, trainer: TrainerInfo) -> tuple[type | None
             cls = getattr(importlib.import_module("diffusers"), str(entry[1]), None)
     except (OSError, ValueError, AttributeError):
         cls = None
-    cls = cls or _pipeline_transformer_class(trainer.pipeline)
+    cls = cls or _pipeline_transformer_class(trainer.info.pipeline)
     try:
         config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -1,4 +1,4 @@
-"""LoRA on the frozen transformer (peft through diffusers' ``PeftAdapterMixin``) and its export.
+"""LoRA files and peft plumbing: the LoRA on the frozen transformer (peft through diffusers' ``PeftAdapterMixin``) and its export.
 
 The exported file is diffusers' LoRA format (``transformer.``-prefixed peft keys plus adapter metadata, the
 prefix being the trainer's pipeline class's ``transformer_name``) with alpha / rank baked into ``lora_B``, so
@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from qflux.config.schema import LoraConfig
-from qflux.errors import ConfigError, UserError
-from qflux.types import TrainerInfo
+from qflux.errors import ConfigError, UserError, write_failure
+from qflux.layout import LORA_FILE  # noqa: F401 - the export's file name, re-exported
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PREFIX = "transformer"  # diffusers pipelines' transformer_name: the prefix of a pipeline LoRA's keys
 ADAPTER = "default"
@@ -41,25 +40,38 @@ def peft_config(lora: LoraConfig):
     )
 
 
+def missing_targets(targets: list[str], module_names: list[str]) -> list[str]:
+    """The targets no module matches; peft's rule: a target is a whole name or a dotted suffix of one."""
+    leaves = {name.rsplit(".", 1)[-1] for name in module_names}
+    return [t for t in targets if t not in leaves and not any(n == t or n.endswith("." + t) for n in module_names)]
+
+
+def linear_leaves(transformer: torch.nn.Module) -> list[str]:
+    """Short names of the Linear layers (``to_out.0``: a numbered child is named with its parent)."""
+    def leaf(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+    return sorted({leaf(n) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def targets_message(missing: list[str], transformer: torch.nn.Module) -> str:
+    import difflib
+
+    linear = linear_leaves(transformer)
+    close = [c for t in missing for c in difflib.get_close_matches(t, linear, n=1, cutoff=0.6)]
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    return (f"model.lora.targets: no module named {', '.join(repr(t) for t in missing)} in "
+            f"{type(transformer).__name__}; {hint}its linear layers are named "
+            f"{', '.join(linear[:24])}{' ...' if len(linear) > 24 else ''}")
+
+
 def attach_lora(transformer: torch.nn.Module, lora: LoraConfig) -> list[torch.nn.Parameter]:
     """Freeze the base, add the adapter, keep LoRA parameters in float32; returns the trainable ones."""
     transformer.requires_grad_(False)
-    names = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()}
-    full = {name for name, _ in transformer.named_modules()}
-    missing = [t for t in lora.targets if t not in names and not any(n.endswith("." + t) for n in full)]
+    missing = missing_targets(list(lora.targets), [name for name, _ in transformer.named_modules()])
     if missing:
-        import difflib
-
-        def leaf(name: str) -> str:  # "to_out.0", "net.2": a numbered child is named with its parent
-            parts = name.split(".")
-            return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
-
-        linear = sorted({leaf(n) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)})
-        close = [c for t in missing for c in difflib.get_close_matches(t, linear, n=1, cutoff=0.6)]
-        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-        raise ConfigError(f"model.lora.targets: no module named {', '.join(repr(t) for t in missing)} in "
-                          f"{type(transformer).__name__}; {hint}its linear layers are named "
-                          f"{', '.join(linear[:24])}{' ...' if len(linear) > 24 else ''}")
+        raise ConfigError(targets_message(missing, transformer))
     transformer.add_adapter(peft_config(lora), adapter_name=ADAPTER)
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:  # LoRA trains in float32 on top of a bf16 / quantized base
@@ -77,7 +89,8 @@ def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     params = {name: p for name, p in transformer.named_parameters() if "lora_" in name}
     state = get_peft_model_state_dict(transformer, state_dict=params, adapter_name=ADAPTER)
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    # a copy even on CPU: a caller that keeps it (a checkpoint being written, an EMA) must not see training move it
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
 def load_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -90,8 +103,9 @@ def load_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor]
         raise UserError(f"LoRA state does not fit this transformer: unexpected keys {unexpected[:3]}...")
 
 
-def pipeline_class(trainer: TrainerInfo) -> type:
-    module, _, name = trainer.pipeline.rpartition(".")
+def pipeline_class(pipeline: str) -> type:
+    """The class named by ``TrainerInfo.pipeline`` ("diffusers.FluxKontextPipeline")."""
+    module, _, name = pipeline.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
 
@@ -125,7 +139,7 @@ def baked_lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tenso
     return state
 
 
-def export_lora(transformer: torch.nn.Module, trainer: TrainerInfo, lora: LoraConfig, directory: Path,
+def export_lora(transformer: torch.nn.Module, pipeline: str, lora: LoraConfig, directory: Path,
                 extra_metadata: dict[str, str] | None = None) -> Path:
     """Write ``directory/pytorch_lora_weights.safetensors`` in diffusers format, alpha / rank baked into
     ``lora_B`` and ``lora_alpha = r`` in the adapter metadata, so it has one strength everywhere.
@@ -134,14 +148,12 @@ def export_lora(transformer: torch.nn.Module, trainer: TrainerInfo, lora: LoraCo
     converts (and re-prefixes) it. ``extra_metadata`` (e.g. ``{"qflux.training_sizes": ...}``) is stored as
     further header entries next to ``lora_adapter_metadata``. The write is atomic (a temporary file renamed
     into place) and the file gets the umask's normal mode."""
-    from qflux.training.checkpoint import write_failure
-
     extra = dict(extra_metadata or {})
     clash = sorted(set(extra) & {"format", LORA_ADAPTER_METADATA})
     bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
     if clash or bad:  # a caller's bug, not a user's mistake
         raise ValueError(f"extra_metadata: reserved keys {clash} or non-string entries {bad}")
-    prefix = getattr(pipeline_class(trainer), "transformer_name", PREFIX)
+    prefix = getattr(pipeline_class(pipeline), "transformer_name", PREFIX)
     tensors = {f"{prefix}.{k}": v for k, v in baked_lora_state_dict(transformer).items()}
     # diffusers' own layout of the header (``write_lora_layers``): keys of the metadata carry the prefix too
     packed = {f"{prefix}.{k}": v for k, v in adapter_metadata(lora, baked=True).items()}
@@ -322,9 +334,10 @@ def _adapter_metadata_of(path: Path, header: dict[str, str], shapes: dict[str, t
 
 def _is_checkpoint_lora(path: Path) -> bool:
     """A training checkpoint's LoRA (``checkpoints/step-NNNNNN/lora.safetensors``)."""
-    from qflux.training.checkpoint import LORA, MANIFEST
+    from qflux.layout import CHECKPOINT_ADAPTER, CHECKPOINT_MANIFEST, CHECKPOINTS
 
-    return path.name == LORA and path.parent.parent.name == "checkpoints" and (path.parent / MANIFEST).is_file()
+    return (path.name == CHECKPOINT_ADAPTER and path.parent.parent.name == CHECKPOINTS
+            and (path.parent / CHECKPOINT_MANIFEST).is_file())
 
 
 def _checkpoint_metadata_from_run(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
