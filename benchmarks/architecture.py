@@ -27,11 +27,13 @@ CORE = Path("packages/qflux-core/src/qflux")
 # Top to bottom. A name not listed is in the bottom layer ("everything else": types, errors, loss,
 # model_source, hookspecs, trainer, quantizer, ...; `qflux` itself, i.e. qflux/__init__.py, too).
 # A layer that does not exist yet (run, adapters) is simply empty.
+# The same order as the import-linter contract in pyproject.toml ([tool.importlinter]).
 LAYERS = [
-    ["__main__"],
+    ["__main__", "testing"],
     ["cli"],
     ["run"],
-    ["plugins", "importers"],
+    ["plugins", "importers", "plugin_api"],
+    ["default_plugin"],
     ["training"],
     ["adapters"],
     ["data", "cache"],
