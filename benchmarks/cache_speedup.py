@@ -10,12 +10,12 @@ control tokens), batch 1, float32 on CPU. Prints:
     cached    each step reads its sample from the cache (``EmbeddingCache.get``: read, sha256 check, decode),
               then runs the training loop's step body (``step_overhead.QfluxStep``). ``train()`` itself reads
               every entry once at start-up and keeps them in memory, so this is a stricter variant;
-    uncached  each step decodes, resizes and encodes its sample (``load_sample`` + ``qflux_encode``), then the
+    uncached  each step decodes, resizes and encodes its sample (``load_sample`` + ``Trainer.encode``), then the
               same step body: what a trainer without a cache does;
     bare      forward, MSE, backward, AdamW on prepared tensors (the limit, ``step_overhead.BareStep``);
 - real runs of ``qflux.run.train.train``, each in its own subprocess: cache complete vs cache disabled;
   peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss`` in the child, after ``train`` returns), how often
-  ``qflux_load_encoders`` was called (a counting hook wrapper: the proof that a cached run loads no encoder),
+  ``Trainer.load_encoders`` was called (a counting hook wrapper: the proof that a cached run loads no encoder),
   and the loop's own steps/s from ``metrics.jsonl`` (median step interval);
 - start-up with 10,000 entries: 10,000 small real entries (32x32 ``builtin:shapes`` samples, encoded) written
   with ``EmbeddingCache.put``; then the time to open the cache and check membership of every key (the index),
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report.encoded / report.seconds:12.2f}")
     print(f"{'cache build, encoding only, samples/s':64s} {report.encoded / encode_s:12.2f}")
     print(f"{'steps/s cached (cache.get + step body, per step)':64s} {rate['cached']:12.2f}")
-    print(f"{'steps/s uncached (load_sample + qflux_encode + step body)':64s} {rate['uncached']:12.2f}")
+    print(f"{'steps/s uncached (load_sample + Trainer.encode + step body)':64s} {rate['uncached']:12.2f}")
     print(f"{'steps/s bare loop (limit)':64s} {rate['bare']:12.2f}")
     print(f"{'cached / bare (median over rounds; quartiles ' + format(c_q1, '.3f') + '-' + format(c_q3, '.3f') + ')':64s}"
           f" {cached_vs_bare:12.3f}  >= {TARGET_CACHED} {ok(cached_vs_bare >= TARGET_CACHED)}")
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'train(), ' + label + ': peak RSS MiB, getrusage (after imports ' + format(run['rss_after_imports_mib'], '.0f') + ')':64s}"
               f" {run['peak_rss_mib']:12.0f}  (VmHWM {run['vm_hwm_mib']:.0f})")
     for label, run in (("cache complete", cached_run), ("cache off", uncached_run)):
-        print(f"{'train(), ' + label + ': qflux_load_encoders calls':64s} {run['encoder_loads']:12d}"
+        print(f"{'train(), ' + label + ': Trainer.load_encoders calls':64s} {run['encoder_loads']:12d}"
               + (f"  0 {ok(run['encoder_loads'] == 0)}" if run is cached_run else ""))
     print(f"{'  (builtin:tiny encoder weights, float32, MiB)':64s} {enc_mib:12.1f}")
     print(f"{'one cached read, mean ms (256 px entry, ' + format(entry_kib, '.0f') + ' KiB)':64s} {read_ms:12.3f}"

@@ -4,11 +4,11 @@ One run, one process, on a small Kontext-shaped ``FluxTransformer2DModel`` (abou
 ``builtin:tiny`` config widened to 4 heads x 64, 2 double + 4 single blocks), LoRA r16 on the default targets,
 batch 1, a 256x256 target plus one 256x256 control (256 + 256 image tokens, 32 T5 tokens), float32 on CPU:
 
-(a) data + encoding, per sample: ``load_sample`` (decode, resize) + ``qflux_encode`` through the kontext hooks
+(a) data + encoding, per sample: ``load_sample`` (decode, resize) + ``Trainer.encode`` through the kontext hooks
     with the ``builtin:tiny`` encoders (CLIP + T5 + VAE). A cached run pays this once per sample, not per step.
 (b) qflux's transformer part: the body of ``qflux.run.train.train`` per optimizer step, line for line:
     per-sample generators -> caption dropout -> ``collate`` -> ``Batch.to`` -> ``accelerator.accumulate`` /
-    ``autocast`` -> ``training_loss`` (sigma and noise, ``qflux_predict`` and ``qflux_loss`` hooks) ->
+    ``autocast`` -> ``training_loss`` (sigma and noise, ``Trainer.predict`` and ``qflux_loss`` hooks) ->
     ``float(loss)`` + finiteness check -> ``accelerator.backward`` -> ``accelerator.clip_grad_norm_`` ->
     ``optimizer.step`` -> ``zero_grad`` -> ``lr_scheduler.step``; LoRA from ``qflux.adapters.lora_files.attach_lora``, optimizer and scheduler from
     ``qflux.training.optim``, transformer and optimizer through ``accelerator.prepare`` as the loop does.
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"{'part':60s} {'median ms':>10s} {'per s':>7s}")
-    print(f"{'(a) data + encoding per sample (load_sample + qflux_encode)':60s} {a_ms:10.1f} {1e3 / a_ms:7.2f}")
+    print(f"{'(a) data + encoding per sample (load_sample + Trainer.encode)':60s} {a_ms:10.1f} {1e3 / a_ms:7.2f}")
     print(f"{'(b) qflux transformer part (the loop body per step)':60s} {b_ms:10.1f} {1e3 / b_ms:7.2f}")
     print(f"{'(c) bare loop (forward, MSE, backward, AdamW)':60s} {c_ms:10.1f} {1e3 / c_ms:7.2f}")
     print(f"{'(a) + (b): a step that encodes inline (no cache)':60s} {a_ms + b_ms:10.1f} {1e3 / (a_ms + b_ms):7.2f}")

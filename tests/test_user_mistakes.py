@@ -210,6 +210,18 @@ def _(tmp):
                                                                     "installed: fp4, fp8, int8, nf4"]
 
 
+@case("unknown-adapter")
+def _(tmp):
+    return train_args(config(tmp), "--set", "model.adapter=lokr"), ["unknown adapter 'lokr' for model.adapter",
+                                                                   "installed: lora"]
+
+
+@case("trainer-option-misspelt")
+def _(tmp):
+    return train_args(config(tmp), "--set", "model.options.guidence=2"), [
+        "unknown key 'model.options.guidence'", "did you mean 'model.options.guidance'?"]
+
+
 @case("accelerate-fsdp-mode")
 def _(tmp):  # what `accelerate launch --use_fsdp` sets for the processes it starts
     return train_args(config(tmp)), ["accelerate's FSDP mode is not how qflux shards",

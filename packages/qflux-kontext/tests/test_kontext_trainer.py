@@ -192,7 +192,7 @@ def test_predict_equals_the_pipelines_transformer_call(
 ):
     e, s = encoded[0], samples[0]
     noisy = _noisy(e, 0.7)
-    guided = model.model_copy(update={"guidance": 2.5})
+    guided = model.model_copy(update={"options": {"guidance": 2.5}})
     pred = trainer.predict(transformer, _batch(e), noisy, guided)
     assert pred.shape == e.latents[None].shape
 

@@ -6,11 +6,11 @@ transformers are imported inside the hook bodies. The heavy modules, one job eac
 - ``tiny``: the ``builtin:tiny`` model (real classes at tiny sizes, deterministic, offline), ``save_tiny``
 - ``tiny_tokenizers``: the CLIP (byte-level BPE) and T5 (Unigram) tokenizers made locally
 - ``loading``: load the transformer / encoders from ``builtin:tiny``, a diffusers folder or a hub id
-- ``encoders``: ``KontextEncoders``, the typed object ``qflux_load_encoders`` returns
+- ``encoders``: ``KontextEncoders``, the typed object ``Trainer.load_encoders`` returns
 - ``encoding``: VAE latents, prompt embeddings, token-space masks -> ``EncodedSample``
 - ``packing``: 2x2 packing of latents and the ``(index, row, col)`` image ids
 - ``predict``: the transformer forward of one training step
 - ``sampling``: validation / inference images through ``FluxKontextPipeline``
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

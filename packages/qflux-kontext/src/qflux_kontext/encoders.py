@@ -1,4 +1,4 @@
-"""The typed object ``qflux_load_encoders`` returns for the ``kontext`` trainer."""
+"""The typed object ``Trainer.load_encoders`` returns for the ``kontext`` trainer."""
 
 from __future__ import annotations
 

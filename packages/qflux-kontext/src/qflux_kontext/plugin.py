@@ -75,13 +75,9 @@ class KontextTrainer(Trainer):
         return predict(transformer, batch, noisy, self.options(model).guidance)
 
     def sample(self, bundle: ModelBundle, request: SampleRequest) -> Image:
-        from dataclasses import replace
-
         from qflux_kontext.sampling import sample
 
-        if request.guidance is None:  # validation and `qflux sample` without --guidance: the trainer's default
-            request = replace(request, guidance=self.options(bundle.model).sample_guidance)
-        return sample(bundle, request)
+        return sample(bundle, request)  # request.guidance None: model.options.sample_guidance
 
 
 TRAINER = KontextTrainer()

@@ -1,4 +1,4 @@
-"""``qflux_sample`` for Kontext: one image through ``FluxKontextPipeline`` and the current transformer.
+"""``Trainer.sample`` for Kontext: one image through ``FluxKontextPipeline`` and the current transformer.
 
 Every call builds a ``FluxKontextPipeline`` around ``bundle.transformer`` and the encoders with a FRESH
 ``FlowMatchEulerDiscreteScheduler.from_config(...)`` (never the training scheduler), at exactly the requested
@@ -127,10 +127,17 @@ def denoise(pipe, encoders: KontextEncoders, request: SampleRequest, max_sequenc
 
 
 def sample(bundle: ModelBundle, request: SampleRequest, loop: bool | None = None) -> Image:
-    """``qflux_sample``. ``loop``: force (True) or forbid (False) ``denoise``; None chooses (module docstring)."""
+    """``Trainer.sample``. ``loop``: force (True) or forbid (False) ``denoise``; None chooses (module docstring).
+    ``request.guidance`` None: the trainer's ``model.options.sample_guidance``."""
+    from dataclasses import replace
+
+    from qflux_kontext.options import KontextOptions
+
     encoders = bundle.encoders
     if encoders is None:
-        raise ValueError("kontext sampling needs the encoders: call qflux_load_encoders first")
+        raise ValueError("kontext sampling needs the encoders: call Trainer.load_encoders first")
+    if request.guidance is None:  # validation and `qflux sample` without --guidance
+        request = replace(request, guidance=KontextOptions.model_validate(bundle.model.options).sample_guidance)
     if request.height % 16 or request.width % 16 or request.height < 16 or request.width < 16:
         raise UserError(f"sample size {request.width}x{request.height}: sides must be multiples of 16")
     transformer = bundle.transformer

@@ -9,7 +9,7 @@ The heavy modules, one job each:
 - ``tiny``: the ``builtin:tiny`` model (real classes at tiny sizes, deterministic, offline), ``save_tiny``
 - ``tiny_tokenizer``: the Qwen2 byte-level BPE tokenizer made locally
 - ``loading``: load the transformer / encoders from ``builtin:tiny``, a diffusers folder or a hub id
-- ``encoders``: ``QwenEncoders``, the typed object ``qflux_load_encoders`` returns
+- ``encoders``: ``QwenEncoders``, the typed object ``Trainer.load_encoders`` returns
 - ``encoding``: VAE latents, Qwen2.5-VL prompt embeddings, token-space masks -> ``EncodedSample``
 - ``predict``: the transformer forward of one training step
 - ``sampling``: validation / inference images with the pipelines' denoising loop
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _LAZY = {
     "build_tiny_pipeline": "qflux_qwen.tiny",

@@ -1,4 +1,4 @@
-"""The typed object ``qflux_load_encoders`` returns for the Qwen trainers."""
+"""The typed object ``Trainer.load_encoders`` returns for the Qwen trainers."""
 
 from __future__ import annotations
 

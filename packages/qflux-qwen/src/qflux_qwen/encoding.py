@@ -1,4 +1,4 @@
-"""``qflux_encode`` for the Qwen trainers: VAE latents, Qwen2.5-VL prompt embeddings, token-space edit masks.
+"""``Trainer.encode`` for the Qwen trainers: VAE latents, Qwen2.5-VL prompt embeddings, token-space edit masks.
 
 What one ``EncodedSample`` holds (tensors on CPU, **float32** whatever ``model.dtype`` the encoders run in: the
 cache keeps full precision and ``Batch.to`` casts to the compute dtype):

@@ -49,7 +49,7 @@ def check_zero_cond_t(variant: QwenVariant, transformer: torch.nn.Module) -> Non
     if variant.zero_cond_t and not getattr(unwrap(transformer), "zero_cond_t", False):
         raise RuntimeError(
             f"the {variant.name} trainer needs a transformer with zero_cond_t=True (condition tokens at t=0); "
-            "load it through qflux_load_transformer or call qflux_qwen.loading.enable_zero_cond_t on it"
+            "load it through Trainer.load_transformer or call qflux_qwen.loading.enable_zero_cond_t on it"
         )
 
 
@@ -81,7 +81,7 @@ def forward(
 
 
 def predict(variant: QwenVariant, transformer: torch.nn.Module, batch: Batch, noisy: NoisyInput) -> torch.Tensor:
-    """``qflux_predict``: the predicted velocity of the target tokens, [B, N, C]."""
+    """``Trainer.predict``: the predicted velocity of the target tokens, [B, N, C]."""
     check_zero_cond_t(variant, transformer)
     sigmas = noisy.sigmas.reshape(-1).to(noisy.latents.device)
     if sigmas.numel() == 1 and noisy.latents.shape[0] > 1:

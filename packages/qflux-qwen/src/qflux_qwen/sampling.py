@@ -1,4 +1,4 @@
-"""``qflux_sample`` for the Qwen trainers: one image with the current (LoRA) transformer.
+"""``Trainer.sample`` for the Qwen trainers: one image with the current (LoRA) transformer.
 
 The denoising loop is the one of ``QwenImageEditPipeline`` / ``QwenImageEditPlusPipeline.__call__`` (same
 sigmas ``linspace(1, 1/steps)``, dynamic shift ``mu`` from the target's token count, Euler steps of a FRESH
@@ -6,7 +6,7 @@ sigmas ``linspace(1, 1/steps)``, dynamic shift ``mu`` from the target's token co
 norm rescale, VAE decode after un-normalising), written out with the pipeline's own helpers
 (``prepare_latents``, ``_unpack_latents``, ``image_processor``) because ``__call__`` resizes every control
 itself: here the controls (and ``request.vl_controls``, the VL encoder's copies) are encoded at the size they
-are given, exactly as ``qflux_encode`` encodes training samples; the data stage planned them with the pipeline's
+are given, exactly as ``Trainer.encode`` encodes training samples; the data stage planned them with the pipeline's
 own rule (``TrainerInfo.condition_sizing``) unless the config chose cheaper sizes. The output has the
 requested size (sides rounded down to multiples of 16, as the pipelines do). No control: text-to-image with the same system prompt.
 Latents stay float32 between steps; noise comes from a CPU generator seeded with ``request.seed``, so an

@@ -35,8 +35,8 @@ def build(
 
     cfg = load_config(config, set_, trainer)
     registry = build_registry()
-    check_cache_run(cfg, registry)  # nothing is written for a config or dataset with mistakes
-    report = build_cache(cfg, registry)
+    records = check_cache_run(cfg, registry)  # nothing is written for a config or dataset with mistakes
+    report = build_cache(cfg, registry, records=records)
     rate = report.encoded / report.seconds if report.seconds > 0 and report.encoded else 0.0
     typer.echo(f"{report.samples} samples: {report.encoded} encoded ({rate:.1f} samples/s), "
                f"{report.samples - report.encoded} already cached -> {cfg.cache.dir}")

@@ -43,12 +43,12 @@ def train(
         raise UserError("--cache needs cache.enabled: true (or drop --cache)")
     registry = build_registry()
     how = resume_from if resume_from is not None else resume
-    check_run(cfg, registry, resume=how)
+    records = check_run(cfg, registry, resume=how)  # checked once, then handed on (no second scan or hash)
 
     from qflux.run.train import train as run_training
 
     if cache:
         from qflux.run.cache import build_cache
 
-        build_cache(cfg, registry)
-    run_training(cfg, registry=registry, resume=how)
+        build_cache(cfg, registry, records=records)
+    run_training(cfg, registry=registry, resume=how, records=records)

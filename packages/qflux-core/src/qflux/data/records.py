@@ -176,6 +176,8 @@ class SampleRecord:
     mask: ImageRef | None = None
     origin: str = ""
     prompt_file: Path | None = None  # the .txt the prompt came from (folder layout)
+    # ``fingerprint()`` once computed: preflight, the cache and the run ask for it several times per record
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def images(self) -> list[tuple[str, ImageRef]]:
@@ -200,8 +202,14 @@ class SampleRecord:
     def fingerprint(self) -> str:
         """sha256 (hex) of every input's bytes and the stripped prompt: changes when any input changes.
 
-        Roles are hashed with the content, so moving an image from control to target changes it too.
+        Roles are hashed with the content, so moving an image from control to target changes it too. Computed
+        once per record object (one read of its bytes per run, not one per caller).
         """
+        if self._fingerprint is None:
+            object.__setattr__(self, "_fingerprint", self._hash())
+        return self._fingerprint
+
+    def _hash(self) -> str:
         h = hashlib.sha256(FINGERPRINT_VERSION)
 
         def part(tag: str, payload: bytes) -> None:

@@ -34,15 +34,17 @@ def open_cache(config: QfluxConfig, registry: Registry, console: Console) -> tup
     return EmbeddingCache(root, warn=console.print, owner=trainer.name), context
 
 
-def build_cache(config: QfluxConfig, registry: Registry, console: Console | None = None) -> CacheBuildReport:
-    """Encode every sample of ``config.data`` that is not cached yet (held-out samples included)."""
+def build_cache(config: QfluxConfig, registry: Registry, console: Console | None = None,
+                records: list | None = None) -> CacheBuildReport:
+    """Encode every sample of ``config.data`` that is not cached yet (held-out samples included); ``records``:
+    the dataset's records when the caller has them (preflight's), else it is opened here."""
     from qflux.data import open_records
     from qflux.training.encoding import LazyEncoders, encode_records, training_device
 
     console = console or Console(stderr=True, soft_wrap=True, highlight=False)
     trainer = registry.trainer(config.trainer)
     cache, context = open_cache(config, registry, console)
-    records = open_records(config.data)
+    records = open_records(config.data) if records is None else records
     before = sum(1 for r in records if cache.get(_key(context, r)) is not None)
     # on the device training would use (the GPU when there is one), as the training loop encodes
     encoders = LazyEncoders(trainer, config, training_device())

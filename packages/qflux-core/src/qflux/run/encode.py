@@ -21,13 +21,13 @@ class EncodedData:
     validation_cases: list[Any] = field(default_factory=list)  # training.validation.ValidationCase
 
 
-def encode_phase(run: Run) -> EncodedData:
+def encode_phase(run: Run, records: list | None = None) -> EncodedData:
     from qflux.data import load_sample, open_records, split_holdout
     from qflux.run.cache import open_cache
     from qflux.training.encoding import encode_records, fill_cache, prepare_samples
 
     config, trainer, console = run.config, run.trainer, run.console
-    records = open_records(config.data)
+    records = open_records(config.data) if records is None else records
     train_records, holdout_records = split_holdout(records, config.data.holdout)
     encoders = LazyEncoders(trainer, config, run.device)
     cache, context = open_cache(config, run.registry, console) if config.cache.enabled else (None, None)

@@ -102,8 +102,10 @@ def check_data_settings(config: QfluxConfig) -> None:
     plan_size(64, 64, config.data)
 
 
-def check_run(config: QfluxConfig, registry: Registry, resume: bool | Path = False) -> None:
-    """Everything ``qflux train`` can check before it writes anything (see the module docstring)."""
+def check_run(config: QfluxConfig, registry: Registry, resume: bool | Path = False) -> list[Any]:
+    """Everything ``qflux train`` can check before it writes anything (see the module docstring). Returns the
+    dataset's records, checked: the run takes them (``train(records=...)``) instead of scanning again, and
+    their fingerprints, computed here for the cache probe, are not computed again."""
     from qflux.training.launch import check_world_size
 
     check_world_size()  # `accelerate launch --cpu --num_processes N` started one process: say so first
@@ -114,11 +116,11 @@ def check_run(config: QfluxConfig, registry: Registry, resume: bool | Path = Fal
     check_output(config, resume, registry.adapter(config.model.adapter).file_name)
     if config.cache.enabled:
         check_writable(Path(config.cache.dir), "cache.dir")
-    check_data(config, registry)
+    return check_data(config, registry)
 
 
-def check_cache_run(config: QfluxConfig, registry: Registry) -> None:
-    """What ``qflux cache`` (build) can check before it writes anything."""
+def check_cache_run(config: QfluxConfig, registry: Registry) -> list[Any]:
+    """What ``qflux cache`` (build) can check before it writes anything; returns the checked records."""
     if not config.cache.enabled:
         raise ConfigError("cache.enabled is false: set it to true (--set cache.enabled=true) to build the cache")
     trainer = check_plugins(config, registry)
@@ -126,7 +128,7 @@ def check_cache_run(config: QfluxConfig, registry: Registry) -> None:
     check_data_settings(config)
     check_model_source(config, trainer.info.pipeline, trainer.name)
     check_writable(Path(config.cache.dir), "cache.dir")
-    check_data(config, registry)
+    return check_data(config, registry)
 
 
 # --------------------------------------------------------------------------- folders
@@ -349,8 +351,9 @@ def check_validation_images(config: QfluxConfig) -> None:
                 raise ConfigError(f"{key}: {err}") from err
 
 
-def check_data(config: QfluxConfig, registry: Registry) -> None:
-    """Every problem ``qflux data check`` reports is fatal; records with a cache entry are not decoded again."""
+def check_data(config: QfluxConfig, registry: Registry) -> list[Any]:
+    """Every problem ``qflux data check`` reports is fatal; records with a cache entry are not decoded again.
+    Returns the records."""
     from qflux.data.check import validate_dataset
 
     trainer = registry.trainer(config.trainer)
@@ -360,6 +363,7 @@ def check_data(config: QfluxConfig, registry: Registry) -> None:
     if config.data.holdout and len(records) < 2:
         raise ConfigError(f"data.holdout={config.data.holdout} needs at least 2 samples, the dataset has "
                           f"{len(records)}: add samples or set data.holdout: 0")
+    return records
 
 
 def _cached_predicate(config: QfluxConfig, registry: Registry) -> Callable[[Any], bool] | None:

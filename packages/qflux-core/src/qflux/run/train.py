@@ -34,8 +34,10 @@ class TrainResult:
 
 
 def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | Path = False,
-          console: Console | None = None) -> TrainResult:
-    """Run (or resume) training as configured; returns where the LoRA went and the losses seen."""
+          console: Console | None = None, records: list | None = None) -> TrainResult:
+    """Run (or resume) training as configured; returns where the LoRA went and the losses seen. ``records``:
+    the dataset's records when the caller has them already (``qflux train``: preflight's checked records),
+    else the dataset is opened here."""
     from accelerate.utils import set_seed
 
     from qflux.run.encode import encode_phase
@@ -52,7 +54,7 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
         return TrainResult(output_dir=run.output_dir, steps=resumed.checkpoint.position.step, resumed_from=resumed.path,
                            lora_path=run.output_dir / run.selection.adapter.file_name if run.is_main else None)
     set_seed(config.train.seed, device_specific=False)  # model init in plugins that use the global RNG
-    data = encode_phase(run)
+    data = encode_phase(run, records)
     models = training_models(run.selection, config)
     describe_models(run, len(data.train_set), len(data.holdout_set), models.params)
     optimizer, lr_scheduler, position = optimisation(run, models.transformer, models.params, resumed)
