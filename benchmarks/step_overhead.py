@@ -263,7 +263,7 @@ def extras_breakdown(q: QfluxStep, bare: BareStep, sample, reps: int = 200) -> l
 
     def glue() -> None:
         transformer_config(q.transformer)
-        torch.full([latents.shape[0]], cfg.model.guidance, dtype=torch.float32)
+        torch.full([latents.shape[0]], q.trainer.options(cfg.model).guidance, dtype=torch.float32)  # model.options
         torch.cat([noisy.latents, *[c.to(dtype=latents.dtype) for c in batch.controls]], dim=1)
         text_ids(batch.prompt.hidden.shape[1])
         kontext_image_ids(batch.grid, list(batch.control_grids))
@@ -288,7 +288,7 @@ def extras_breakdown(q: QfluxStep, bare: BareStep, sample, reps: int = 200) -> l
         ("sigma sampling + noise + add_noise",
          _median_us(lambda: add_noise(latents, torch.cat([sample_sigmas(1, latents.shape[1], cfg.train, gen)]),
                                       torch.stack([torch.randn(latents.shape[1:], generator=gen)])), reps), 0.0),
-        ("predict glue: config lookup, guidance, cat, txt/img ids", _median_us(glue, reps), 0.0),
+        ("predict glue: config lookup, options + guidance, cat, txt/img ids", _median_us(glue, reps), 0.0),
         ("loss fwd+bwd via qflux_loss hook (bare: F.mse_loss)", _median_us(qflux_loss, reps), _median_us(mse, reps)),
         ("  of which pluggy dispatch (hook - direct call)",
          _median_us(qflux_loss, reps) - _median_us(direct_loss, reps), 0.0),
