@@ -12,7 +12,7 @@ from rich.console import Console
 
 from qflux.config.schema import QfluxConfig
 from qflux.errors import UserError
-from qflux.plugins import Registry, build_registry
+from qflux.plugins import Registry
 from qflux.run.context import Run
 from qflux.run.models import Selection
 from qflux.training import checkpoint as ckpt
@@ -25,6 +25,7 @@ def start(config: QfluxConfig, registry: Registry | None, console: Console | Non
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from qflux.plugins import build_registry  # looked up per call, not bound at import (tests replace it)
     from qflux.training.launch import check_world_size
     from qflux.training.sharding import check_fsdp
     from qflux.training.shift_source import model_shift
