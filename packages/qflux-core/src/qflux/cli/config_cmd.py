@@ -17,12 +17,12 @@ SET_HELP = "Override a config key, e.g. --set train.lr=1e-4 (value parsed as YAM
 
 
 def check_names(config: QfluxConfig, registry) -> None:
-    """The names a config gives exist: trainer, quantizer, optimizer, LR scheduler."""
+    """The names a config gives exist and take their options (preflight's ``check_plugins``: trainer,
+    quantizer, adapter, ``model.options``), then the optimizer and the LR scheduler."""
+    from qflux.run.preflight import check_plugins
     from qflux.training.optim import check_optimizer, check_scheduler
 
-    registry.trainer(config.trainer)
-    if config.model.quantize:
-        registry.quantizer(config.model.quantize)
+    check_plugins(config, registry)
     check_optimizer(config.train)
     check_scheduler(config.train)
 
