@@ -34,6 +34,13 @@ def trainer_plugin(name: str, answer: str, package: str | None = None):
     return Plugin()
 
 
+class NoopQuantizer(Quantizer):
+    """A registered quantizer that leaves the transformer as it is."""
+
+    def quantize(self, transformer, model):
+        return transformer
+
+
 def hooks_implemented_by(plugin) -> list[str]:
     """The hook names a plugin object really implements (its ``@qflux.hookimpl`` functions)."""
     out = []
@@ -75,7 +82,7 @@ def test_kind_of_a_plugin() -> None:
     class Quant:
         @qflux.hookimpl
         def qflux_register_quantizers(self, register):
-            register(Quantizer(QuantizerInfo(name="q8", description="test")))
+            register(NoopQuantizer(QuantizerInfo(name="q8", description="test")))
 
     class Other:
         @qflux.hookimpl
@@ -104,7 +111,7 @@ def test_same_quantizer_name_from_two_packages_is_an_error_naming_both() -> None
 
             @qflux.hookimpl
             def qflux_register_quantizers(self, register):
-                register(Quantizer(QuantizerInfo(name="nf4", description="test")))
+                register(NoopQuantizer(QuantizerInfo(name="nf4", description="test")))
 
         return Quant()
 
@@ -322,9 +329,11 @@ def test_listed_hooks_are_exactly_the_implemented_ones(run_qflux, fake_dist, tmp
 
 
 def test_entry_point_to_an_object_in_a_module(run_qflux, fake_dist, tmp_path: Path) -> None:
-    src = ("import qflux\nfrom qflux.plugin_api import Quantizer, QuantizerInfo\n\nclass Quant:\n    @qflux.hookimpl\n"
+    src = ("import qflux\nfrom qflux.plugin_api import Quantizer, QuantizerInfo\n\n"
+           "class Q4(Quantizer):\n    def quantize(self, transformer, model):\n        return transformer\n\n"
+           "class Quant:\n    @qflux.hookimpl\n"
            "    def qflux_register_quantizers(self, register):\n"
-           "        register(Quantizer(QuantizerInfo(name='q4', description='test')))\n\nplugin = Quant()\n")
+           "        register(Q4(QuantizerInfo(name='q4', description='test')))\n\nplugin = Quant()\n")
     root = fake_dist(tmp_path / "site", "qflux-q4", "2.0", {"q4": "qflux_q4:plugin"}, {"qflux_q4.py": src})
     listing = plugins_json(run_qflux("plugins", "list", "--json", plugins="q4", pythonpath=[root]))
     assert [(p["name"], p["kind"], p["provides"], p["hooks"]) for p in listing["plugins"]] == [
@@ -345,3 +354,25 @@ def test_two_installed_packages_with_the_same_trainer_name(run_qflux, fake_dist,
     assert "trainer name 'twin' is registered by two packages: qflux-twin-a and qflux-twin-b" in result.stderr
     ok = run_qflux("config", "check", config, plugins="twin_a", pythonpath=[root])  # the allow-list resolves it
     assert ok.returncode == 0, ok.stderr
+
+
+def test_an_adapter_kind_missing_a_method_is_a_broken_plugin() -> None:
+    """``Adapter``'s methods without a body are abstract: a kind that cannot export (or attach, save, load) is
+    refused when its plugin registers it, listed as broken, and the core's lora stays."""
+    from qflux.plugin_api import Adapter
+
+    class HalfAdapter(Adapter):
+        name = "half"
+
+        def attach(self, transformer, options):
+            return []
+
+    class Plugin:
+        @qflux.hookimpl
+        def qflux_register_adapters(self, register):
+            register(HalfAdapter())
+
+    registry = build_registry(extra_plugins=[("half", Plugin())], load_entry_points=False)
+    [broken] = registry.broken
+    assert broken.name == "half" and "abstract" in broken.error and "export" in broken.error
+    assert set(registry.adapters) == {"lora"}

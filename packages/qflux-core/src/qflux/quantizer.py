@@ -6,6 +6,7 @@ unsupported GPU); ``quantize`` transforms the loaded, frozen transformer before 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -15,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from qflux.types import QuantizerInfo
 
 
-class Quantizer:
+class Quantizer(ABC):
     """Base class of registered quantizers: set ``info`` (a ``QuantizerInfo``) and implement ``quantize``."""
 
     info: QuantizerInfo
@@ -37,6 +38,7 @@ class Quantizer:
         """Refuse (raise ``UserError``) what cannot run here: a missing library, an unsupported device or
         combination of ``model`` keys. Called by preflight, before anything is encoded or loaded."""
 
+    @abstractmethod
     def quantize(self, transformer: torch.nn.Module, model: ModelConfig) -> torch.nn.Module:
         """Quantize the frozen ``transformer`` in place or return a replacement (``model.quantize_skip`` lists
         module name patterns to keep in full precision)."""

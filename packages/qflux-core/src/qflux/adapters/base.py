@@ -9,6 +9,7 @@ LoRA's (peft's LoKr ``lokr_w1``...) is saved in full, never silently dropped.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -39,10 +40,11 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-class Adapter:
+class Adapter(ABC):
     """Base class of registered adapter kinds. ``name`` is the value of ``model.adapter``; ``Options`` the
     pydantic model of its keys (``model.adapter_options``; the core's ``lora`` keeps ``model.lora``),
-    validated in preflight with the same "did you mean" errors as the core's keys."""
+    validated in preflight with the same "did you mean" errors as the core's keys. The methods without a
+    body are abstract: a kind that lacks one cannot be registered (its plugin is listed as broken)."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
@@ -61,14 +63,17 @@ class Adapter:
         the transformer's modules when known without loading weights (built on the meta device), else None.
         Called by preflight."""
 
+    @abstractmethod
     def attach(self, transformer: torch.nn.Module, options: Any) -> list[torch.nn.Parameter]:
         """Wrap the frozen ``transformer`` in place; return the trainable parameters, in a stable order."""
         raise NotImplementedError
 
+    @abstractmethod
     def state_dict(self, transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Every trainable tensor of the adapter, on CPU, under stable names: what a checkpoint holds."""
         raise NotImplementedError
 
+    @abstractmethod
     def load_state(self, transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Put ``state`` (from ``state_dict``) back into an attached transformer, exactly."""
         raise NotImplementedError
@@ -77,12 +82,14 @@ class Adapter:
         """Safetensors header entries of a checkpoint's adapter file (what a loader needs to read it)."""
         return {}
 
+    @abstractmethod
     def export(self, transformer: torch.nn.Module, trainer: Trainer, options: Any, directory: Path,
                extra_metadata: dict[str, str] | None = None) -> Path:
         """Write the adapter for use outside qflux (diffusers, ComfyUI) into ``directory``, atomically;
         returns the file."""
         raise NotImplementedError
 
+    @abstractmethod
     def load_file(self, transformer: torch.nn.Module, path: Path) -> None:
         """Apply an exported file (or a checkpoint's adapter file) to a bare transformer for inference;
         raise ``UserError`` naming the file when it does not fit."""
