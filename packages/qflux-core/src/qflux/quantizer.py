@@ -34,7 +34,7 @@ class Quantizer(ABC):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.info.name!r}>"
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, model: ModelConfig) -> None:  # noqa: B027 - optional: nothing refused by default
         """Refuse (raise ``UserError``) what cannot run here: a missing library, an unsupported device or
         combination of ``model`` keys. Called by preflight, before anything is encoded or loaded."""
 

@@ -58,7 +58,7 @@ class Adapter(ABC):
         """This adapter's options: ``model.adapter_options`` validated by ``Options``."""
         return self.Options.model_validate(model.adapter_options)
 
-    def check(self, options: Any, transformer_module_names: list[str] | None) -> None:
+    def check(self, options: Any, transformer_module_names: list[str] | None) -> None:  # noqa: B027 - optional
         """Refuse (raise ``UserError``) options that cannot work; ``transformer_module_names``: the names of
         the transformer's modules when known without loading weights (built on the meta device), else None.
         Called by preflight."""
