@@ -323,7 +323,7 @@ def _check_resume_settings(path: Path, config: QfluxConfig) -> None:
     """No setting changed that a resume cannot apply (the others are applied and listed by the loop)."""
     from qflux.training.resume import previous_settings, refuse_fixed, settings_changes
 
-    refuse_fixed(settings_changes(previous_settings(path, config_fingerprint), config), path)
+    refuse_fixed(settings_changes(previous_settings(path), config), path)
 
 
 # --------------------------------------------------------------------------- images and data

@@ -87,7 +87,7 @@ def resume_from(run: Run, resume: bool | Path) -> ResumeState:
     if left is Remaining.NOTHING:
         run.console.print(nothing_to_do(output_dir, state.position.step, config.train.max_steps, adapter_file))
         return ResumeState(path, state, finished=True)
-    changes = resume_changes(path, state.optimizer, state.lr_scheduler, config, config_fingerprint)
+    changes = resume_changes(path, state.optimizer, state.lr_scheduler, config)
     if changes:
         run.console.print(describe_changes(changes, state.position.step))
     return ResumeState(path, state, changes)

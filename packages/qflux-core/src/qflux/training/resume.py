@@ -4,7 +4,7 @@ Lowering the learning rate and continuing is common, so a resume **applies** the
 ``loss`` settings (``train.lr``, ``weight_decay``, ``scheduler``, ``warmup_steps``, ``max_grad_norm``,
 ``max_steps``, ...) and says which, old -> new; ``config.yaml`` then records what runs, and ``metrics.jsonl``
 the step each change took effect. What the checkpoint's state was built for cannot change: the keys of the
-config fingerprint (model, data, batch, seed, optimizer, timestep sampling; ``qflux.run.train``) and
+config fingerprint (model, data, batch, seed, optimizer, timestep sampling; ``training.fingerprint``) and
 ``train.optimizer_args`` (an optimizer state of other arguments may lack the tensors the new ones need).
 
 Restoring the optimizer and scheduler state dicts would bring back the old hyper-parameters with them
@@ -52,7 +52,7 @@ def _flat(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
-def previous_settings(checkpoint: Path, config_fingerprint) -> dict[str, Any]:
+def previous_settings(checkpoint: Path) -> dict[str, Any]:
     """``key -> value`` of the ``train`` and ``loss`` settings of the run that wrote ``checkpoint``, from its
     ``config.yaml`` when that is the config of that run (same fingerprint); empty when unknown."""
     import json
@@ -60,6 +60,7 @@ def previous_settings(checkpoint: Path, config_fingerprint) -> dict[str, Any]:
     import yaml
 
     from qflux.training import checkpoint as ckpt
+    from qflux.training.fingerprint import config_fingerprint
 
     try:
         written_with = json.loads((checkpoint / ckpt.STATE).read_text(encoding="utf-8"))["config_fingerprint"]
@@ -132,11 +133,11 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, lr_scheduler, fresh:
     lr_scheduler._last_lr = lrs
 
 
-def resume_changes(checkpoint: Path, optimizer_state: dict, scheduler_state: dict, config: QfluxConfig,
-                   config_fingerprint) -> list[Change]:
+def resume_changes(checkpoint: Path, optimizer_state: dict, scheduler_state: dict,
+                   config: QfluxConfig) -> list[Change]:
     """The settings ``config`` changes from the run that wrote ``checkpoint`` (its ``config.yaml``, with lr
     and weight_decay as its optimizer ran them); ``ConfigError`` for those a resume cannot apply."""
-    old = {**previous_settings(checkpoint, config_fingerprint), 
+    old = {**previous_settings(checkpoint),
            **optimizer_settings(optimizer_state, scheduler_state, config.train.optimizer)}
     changes = settings_changes(old, config)
     refuse_fixed(changes, checkpoint)
