@@ -1,4 +1,4 @@
-"""Sigma sampling schemes, noising, and batching by signature."""
+"""Sigma sampling schemes, noising, and batching by target grid."""
 
 import pytest
 import torch
@@ -67,25 +67,60 @@ def test_equal_length_unmasked_prompts_stay_unmasked():
     assert stack_prompts([PromptEmbeds(torch.ones(3, 2)), PromptEmbeds(torch.ones(3, 2))]).mask is None
 
 
-def test_collate_refuses_mixed_signatures():
+def test_collate_refuses_different_target_grids():
     with pytest.raises(ValueError):
         collate([_sample("a", (2, 2), 3), _sample("b", (2, 4), 3)])
 
 
-def test_bucket_sampler_epoch_covers_each_sample_once_in_single_signature_batches():
-    signatures = [(1, 1)] * 5 + [(2, 2)] * 3
+def test_bucket_sampler_epoch_covers_each_sample_once_in_single_target_grid_batches():
+    # (target grid, control grids) signatures; the control layouts differ within each target grid
+    signatures = [((1, 1), ())] * 3 + [((1, 1), ((1, 1),))] * 2 + [((2, 2), ((2, 2),))] * 2 + [((2, 2), ())]
     sampler = BucketBatchSampler(signatures, batch_size=2, seed=3)
     batches = sampler.epoch(0)
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(8))
-    assert all(len({signatures[i] for i in b}) == 1 for b in batches)
+    assert all(len({signatures[i][0] for i in b}) == 1 for b in batches)
+    assert len(batches) == 5  # buckets of 5 and 3 target grids: 3 + 2 batches (by signature it would be 6)
     assert sampler.epoch(0) == batches and sampler.epoch(1) != batches
+
+
+def test_bucket_order_is_unchanged_when_each_target_grid_has_one_control_layout():
+    """Keyed by the target grid instead of the whole signature: a dataset where the grid decides the layout
+    (every run before mixed layouts could exist in one batch) gets the very same batches, so resumes hold."""
+    grids = [(1, 1), (2, 2), (1, 3), (3, 1), (2, 3), (12, 2), (1, 11)]
+    signatures = [(grids[i % 7], ((grids[i % 7][1], 1),) * (i % 7 % 3)) for i in range(40)]
+    for seed in range(5):
+        old = _old_epochs(signatures, 3, seed)
+        new = BucketBatchSampler(signatures, batch_size=3, seed=seed)
+        assert [new.epoch(e) for e in range(3)] == old
+
+
+def _old_epochs(signatures, batch_size, seed):
+    """``BucketBatchSampler`` as it was (buckets keyed by the whole signature), three epochs: the oracle."""
+    import random
+    from collections import defaultdict
+
+    buckets = defaultdict(list)
+    for index, signature in enumerate(signatures):
+        buckets[signature].append(index)
+    out = []
+    for epoch in range(3):
+        rng = random.Random(seed * 1_000_003 + epoch)
+        batches = []
+        for signature in sorted(buckets, key=repr):
+            indices = list(buckets[signature])
+            rng.shuffle(indices)
+            batches.extend(indices[i : i + batch_size] for i in range(0, len(indices), batch_size))
+        rng.shuffle(batches)
+        out.append(batches)
+    return out
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("per_rank", [1, 2])
 def test_rank_batches_count_every_sample_once_with_equal_weight(world, per_rank):
-    signatures = [(1, 1)] * 7 + [(2, 2)] * 3 + [(3, 3)]  # buckets of 7, 3 and 1: short last batches
+    # buckets of 7, 3 and 1 target grids (controls of two layouts in the first): short last batches
+    signatures = [((1, 1), ())] * 4 + [((1, 1), ((1, 1),))] * 3 + [((2, 2), ())] * 3 + [((3, 3), ())]
     sampler = BucketBatchSampler(signatures, batch_size=per_rank * world, seed=5)
     ranks = [rank_batches(sampler, 0, r, world) for r in range(world)]
     assert len({len(batches) for batches in ranks}) == 1  # every process runs the same micro-batches
@@ -93,7 +128,7 @@ def test_rank_batches_count_every_sample_once_with_equal_weight(world, per_rank)
     for i, global_batch in enumerate(sampler.epoch(0)):
         for r in range(world):
             mine = ranks[r][i]
-            assert mine.indices and {signatures[j] for j in mine.indices} == {signatures[global_batch[0]]}
+            assert mine.indices and {signatures[j][0] for j in mine.indices} == {signatures[global_batch[0]][0]}
             for j in mine.indices:  # what the all-reduce mean gives each sample of a per-rank mean loss
                 weight[j] = weight.get(j, 0.0) + mine.loss_scale / len(mine.indices) / world
         for j in global_batch:

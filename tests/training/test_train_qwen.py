@@ -3,8 +3,9 @@
 - the exported LoRA loads with the matching diffusers pipeline's ``load_lora_weights`` and reproduces the
   trained model (transformer outputs within 1e-5, and the same sampled image for the same seed);
 - batches larger than one whose samples differ in target size and control count (0, 1, 2) train: each batch
-  holds one signature, every sample is seen, a sample's prediction inside its padded batch equals its
-  prediction alone, and a sample without control trains as text-to-image;
+  holds one target grid, a batch of several control layouts makes one forward per layout (each forward of
+  one layout), every sample is seen, a sample's prediction inside its padded batch equals its prediction
+  alone, and a sample without control trains as text-to-image;
 - validation sampling during training with true CFG and a negative prompt writes the grids.
 """
 
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import qflux
 from qflux.adapters.lora_files import attach_lora, load_lora_state
 from qflux.config import load_config
 from qflux.plugins import build_registry
@@ -119,7 +121,7 @@ MIXED = {
     "tall_b": ((32, 48), [(32, 48)], "make the background white and the square much larger than before"),
     "t2i_a": ((32, 32), [], "a red circle"),
     "t2i_b": ((32, 32), [], "a yellow triangle under a purple square on a grey background"),
-    "odd": ((32, 48), [(32, 48), (32, 32)], "add a second shape"),  # its own signature: a batch of one
+    "odd": ((32, 48), [(32, 48), (32, 32)], "add a second shape"),  # a second control layout in the tall bucket
 }
 # the token grids (h/16, w/16) these give: target, then each control (a 64x32 control_1 at the target's
 # 32x32 area keeps its aspect: 48x16)
@@ -160,8 +162,8 @@ def _one(batch: Batch, noisy: NoisyInput, i: int) -> tuple[Batch, NoisyInput]:
 
 
 class BatchSpy:
-    """Records every training batch and checks that each sample's prediction in the (padded) batch equals
-    its prediction alone."""
+    """Records every forward's batch (one control layout) and checks that each sample's prediction in the
+    (padded) batch equals its prediction alone."""
 
     def __init__(self, variant) -> None:
         self.variant = variant
@@ -185,6 +187,21 @@ class BatchSpy:
         return result
 
 
+class StepSpy:
+    """Records the whole batch of every training step: the loss hook sees it once per step, mixed or not
+    (returns None: the default loss computes it)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    @qflux.hookimpl
+    def qflux_loss(self, prediction, noisy, batch, loss):
+        assert prediction.shape == batch.latents.shape
+        layouts = [tuple(g) for g in batch.sample_control_grids] if batch.mixed else [tuple(batch.control_grids)]
+        self.steps.append({"keys": list(batch.keys), "grid": batch.grid, "layouts": set(layouts)})
+        return None
+
+
 @pytest.mark.parametrize("name", ["qwen-edit-plus", "qwen-edit"])
 def test_batches_mix_sizes_control_counts_and_text_to_image(name, tmp_path):
     from qflux_qwen.variants import VARIANTS
@@ -193,30 +210,33 @@ def test_batches_mix_sizes_control_counts_and_text_to_image(name, tmp_path):
     stems = [s for s in MIXED if len(MIXED[s][1]) <= variant.max_controls]
     data = make_mixed_folder(tmp_path / "data", stems)
     buckets = sorted({SIGNATURES[s][0] for s in stems})
-    expected_batches = len({SIGNATURES[s] for s in stems})
+    bucket_sizes = [sum(SIGNATURES[s][0] == grid for s in stems) for grid in buckets]
+    expected_steps = sum(-(-n // 2) for n in bucket_sizes)  # batches of 2 per target grid, one epoch
     config = load_config(write_config(tmp_path / "c.yaml", tiny_config(
         tmp_path, name,
         data={"path": str(data), "resolution": [[16 * h, 16 * w] for h, w in buckets], "holdout": 0},
-        train={"max_steps": expected_batches, "batch_size": 2, "save_every": 0, "lr": 1e-3})))
-    spy = BatchSpy(variant)
-    result = train(config, registry=spied_registry(spy))
+        train={"max_steps": expected_steps, "batch_size": 2, "save_every": 0, "lr": 1e-3})))
+    spy, steps = BatchSpy(variant), StepSpy()
+    result = train(config, registry=spied_registry(spy, extra_plugins=[("steps", steps)]))
 
-    assert result.steps == expected_batches and result.lora_path.is_file()
+    assert result.steps == expected_steps and result.lora_path.is_file()
     assert all(np.isfinite(result.losses))
-    assert len(spy.batches) == expected_batches  # one epoch, one forward per step
-    for b in spy.batches:  # one signature per batch: the one its samples have
+    assert len(steps.steps) == expected_steps
+    for s in steps.steps:  # one target grid per batch, the one its samples have; control layouts may differ
+        assert {SIGNATURES[k][0] for k in s["keys"]} == {s["grid"]}, s
+        assert s["layouts"] == {SIGNATURES[k][1] for k in s["keys"]}, s
+        assert len(s["keys"]) == len(set(s["keys"])), s
+    for grid, n in zip(buckets, bucket_sizes):  # full batches of 2, an odd bucket's last sample alone
+        assert sorted(len(s["keys"]) for s in steps.steps if s["grid"] == grid) == [1] * (n % 2) + [2] * (n // 2)
+    assert sorted(k for s in steps.steps for k in s["keys"]) == sorted(stems)  # every sample once in the epoch
+    assert len(spy.batches) == sum(len(s["layouts"]) for s in steps.steps)  # one forward per layout of a step
+    assert any(len(s["layouts"]) > 1 for s in steps.steps)  # (seed 0) some batch mixes control layouts
+    for b in spy.batches:  # each forward holds one layout: the one its samples have
         assert {SIGNATURES[k] for k in b["keys"]} == {b["signature"]}, b
-        members = {s for s in stems if SIGNATURES[s] == b["signature"]}
-        if len(members) < 2:  # a bucket smaller than the batch: its samples alone (the engine may repeat them)
-            assert set(b["keys"]) == members, b
-        else:
-            assert len(b["keys"]) == len(set(b["keys"])) == 2, b
-    seen = [k for b in spy.batches for k in b["keys"]]
-    assert set(seen) == set(stems)  # every sample seen in the epoch
     assert {b["signature"][0] for b in spy.batches} == {(2, 2), (3, 2)}
     assert {b["controls"] for b in spy.batches} == ({0, 1, 2} if variant.multi_image else {0, 1})
-    t2i = [b for b in spy.batches if b["controls"] == 0]
-    assert len(t2i) == 1 and sorted(t2i[0]["keys"]) == ["t2i_a", "t2i_b"]  # trained as text-to-image
+    t2i = [k for b in spy.batches if b["controls"] == 0 for k in b["keys"]]
+    assert sorted(t2i) == ["t2i_a", "t2i_b"]  # trained as text-to-image
     assert any(b["padded"] for b in spy.batches)  # prompts of different length were padded ...
     assert spy.max_diff <= 1e-5  # ... and padding changes no sample's prediction
 

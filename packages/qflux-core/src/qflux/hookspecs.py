@@ -70,9 +70,11 @@ def qflux_loss(prediction: torch.Tensor, noisy: NoisyInput, batch: Batch, loss: 
     """Compute the scalar training loss.
 
     Args:
-        prediction: [B, N, C] from ``Trainer.predict``.
+        prediction: [B, N, C] from ``Trainer.predict`` (one call per control layout of a mixed batch, the rows
+            in batch order).
         noisy: holds the velocity ``target`` [B, N, C] and ``sigmas`` [B].
-        batch: holds the token-space edit ``mask`` [B, N] (or None).
+        batch: holds the token-space edit ``mask`` [B, N] (or None); a mixed batch keeps its controls in
+            ``sample_controls`` (``controls`` is empty).
         loss: the ``loss`` config section.
 
     Returns:

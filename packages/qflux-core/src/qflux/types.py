@@ -36,6 +36,11 @@ class ConditionSizing:
 
     - with ``preferred`` sizes: takes the ``(w, h)`` whose ``w / h`` is closest to ``r`` (absolute difference,
       ties to the smaller ``(w, h)``): FluxKontextPipeline's ``PREFERRED_KONTEXT_RESOLUTIONS`` snap;
+    - with ``shrink_only``: only shrinks an image of more than ``area`` pixels, to about ``area`` at its
+      aspect (sides truncated: ``int(w * s)``, ``int(h * s)`` with ``s = sqrt(area / (w * h))``), never
+      enlarges a smaller one, then floors both sides to ``multiple`` by a centre crop: the FLUX.2 pipelines'
+      ``_resize_to_target_area`` and ``preprocess(..., resize_mode="crop")``. It reads the image's own size
+      (``input_multiple`` must stay 1, ``preferred`` empty);
     - otherwise: ``w = sqrt(area * r)``, ``h = w / r``, each rounded (half to even) to ``multiple``: the
       qwenimage pipelines' ``calculate_dimensions(area, r)``.
 
@@ -48,6 +53,11 @@ class ConditionSizing:
     preferred: tuple[tuple[int, int], ...] = ()  # (w, h)
     input_multiple: int = 1
     vl_area: int | None = None
+    shrink_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shrink_only and (self.preferred or self.input_multiple != 1):
+            raise ValueError("ConditionSizing: shrink_only takes no preferred sizes and no input_multiple")
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,10 @@ class TrainerInfo:
     needs_controls: bool = True
     # how the pipeline sizes condition images at inference; None: unknown, conditions get the target's size
     condition_sizing: ConditionSizing | None = None
+    # the trainer's prompt encoding depends on the control images (a vision-language encoder, as Qwen-Image-Edit's):
+    # reference dropout (data.reference_dropout) then needs the prompt encoded with every subset of the controls
+    # (``EncodedSample.subset_prompts``, made by the core through ``Trainer.encode``)
+    prompt_sees_controls: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,16 +133,34 @@ class EncodedSample:
     control_grids: list[Grid] = field(default_factory=list)
     mask: torch.Tensor | None = None  # [N] token-space edit mask in [0, 1]
     empty_prompt: PromptEmbeds | None = None  # encoding of "" (with the controls), for caption dropout
+    # Reference dropout (``data.reference_dropout``) for a trainer whose prompt encoding sees the controls (a
+    # vision-language encoder, as Qwen-Image-Edit's): the prompt encoded with only some of the controls, keyed
+    # by the kept control indices joined with "," ("" = none kept, "0,2" = controls 0 and 2; the full set may be
+    # left out, it is ``prompt``). A sample whose references are dropped takes its prompt from here, so it never
+    # trains on a prompt that describes images it no longer carries; a dict without the drawn subset is a
+    # trainer bug and stops the step. None: the prompt does not depend on the controls (a text-only encoder,
+    # FLUX.1 Kontext, FLUX.2) and is kept. ``subset_empty_prompts``: the same for ``empty_prompt``.
+    subset_prompts: dict[str, PromptEmbeds] | None = None
+    subset_empty_prompts: dict[str, PromptEmbeds] | None = None
 
     @property
     def signature(self) -> tuple[Grid, tuple[Grid, ...]]:
-        """Samples with equal signatures stack into one batch without padding of image tokens."""
+        """(target grid, control grids): the batch sampler buckets by the target grid (samples of one target
+        grid stack without padding of image tokens); the control layout groups a batch's forwards."""
         return self.grid, tuple(self.control_grids)
 
 
 @dataclass
 class Batch:
-    """Samples of one signature stacked along B (see ``qflux.training.batching.collate``)."""
+    """Samples of one target grid stacked along B (see ``qflux.training.batching.collate``).
+
+    Uniform (every sample of one control layout, the usual case): ``controls`` holds each control stacked
+    [B, Nc_i, C]. Mixed (samples with different control counts or sizes, e.g. under reference dropout): the
+    diffusers transformers take one set of image position ids per batch, so such a batch cannot go through one
+    forward; it keeps each sample's controls in ``sample_controls`` / ``sample_control_grids`` with
+    ``controls`` / ``control_grids`` empty, and ``layout_groups`` splits it into uniform sub-batches, one
+    forward each (``qflux.training.step.predict``). ``Trainer.predict`` only ever gets uniform batches.
+    """
 
     keys: list[str]
     latents: torch.Tensor  # [B, N, C]
@@ -138,10 +170,65 @@ class Batch:
     control_grids: list[Grid] = field(default_factory=list)
     mask: torch.Tensor | None = None  # [B, N]
     masked: torch.Tensor | None = None  # [B] bool when only some samples carry a mask (the others weigh 1)
+    sample_controls: list[list[torch.Tensor]] | None = None  # mixed batch: per sample, each [Nc_i, C]
+    sample_control_grids: list[list[Grid]] | None = None  # mixed batch: per sample
 
     @property
     def size(self) -> int:
         return self.latents.shape[0]
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the samples differ in control layout (``sample_controls`` set)."""
+        return self.sample_controls is not None
+
+    def layout_groups(self) -> list[tuple[list[int], Batch]]:
+        """The uniform sub-batches, each with the indices of its samples in this batch, in order of first
+        appearance; a uniform batch is one group, ``[(all indices, self)]``, without a copy."""
+        per_sample, per_sample_grids = self.sample_controls, self.sample_control_grids
+        if per_sample is None or per_sample_grids is None:
+            return [(list(range(self.size)), self)]
+        groups: dict[tuple[Grid, ...], list[int]] = {}
+        for i, grids in enumerate(per_sample_grids):
+            groups.setdefault(tuple((g[0], g[1]) for g in grids), []).append(i)
+        return [(indices, self._rows(indices, per_sample, per_sample_grids[indices[0]]))
+                for indices in groups.values()]
+
+    def _rows(self, indices: list[int], per_sample: list[list[torch.Tensor]], grids: list[Grid]) -> Batch:
+        """The samples ``indices`` of a mixed batch, all of the control layout ``grids``, as a uniform batch."""
+        import torch
+
+        index = torch.tensor(indices, device=self.latents.device)
+
+        def pick(t: Any) -> Any:
+            return None if t is None else t.index_select(0, index.to(t.device))
+
+        return Batch(
+            keys=[self.keys[i] for i in indices],
+            latents=pick(self.latents),
+            grid=self.grid,
+            prompt=self._prompt_rows(index),
+            controls=[torch.stack([per_sample[i][j] for i in indices]) for j in range(len(grids))],
+            control_grids=list(grids),
+            mask=pick(self.mask),
+            masked=pick(self.masked),
+        )
+
+    def _prompt_rows(self, index: torch.Tensor) -> PromptEmbeds:
+        """The prompts of rows ``index``, cut to the longest of them: the padding only other rows needed would
+        cost compute and make the group's forward differ from the one ``collate`` of its samples gives."""
+        import torch
+
+        p = self.prompt
+        hidden = p.hidden.index_select(0, index.to(p.hidden.device))
+        pooled = None if p.pooled is None else p.pooled.index_select(0, index.to(p.pooled.device))
+        if p.mask is None:
+            return PromptEmbeds(hidden=hidden, mask=None, pooled=pooled)
+        mask = p.mask.index_select(0, index.to(p.mask.device))
+        used = (mask != 0).any(dim=0).long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)
+        length = int(used.max()) or mask.shape[1]  # the last column any row uses (an all-zero mask: keep all)
+        return PromptEmbeds(hidden=hidden[:, :length].contiguous(), mask=mask[:, :length].contiguous(),
+                            pooled=pooled)
 
     def to(self, device: Any, dtype: Any = None) -> Batch:
         """Move every tensor; floating tensors are cast to ``dtype`` when given (masks stay as they are)."""
@@ -162,6 +249,9 @@ class Batch:
             control_grids=self.control_grids,
             mask=move(self.mask, cast=False),
             masked=move(self.masked, cast=False),
+            sample_controls=None if self.sample_controls is None else [
+                [move(c) for c in controls] for controls in self.sample_controls],
+            sample_control_grids=self.sample_control_grids,
         )
 
 

@@ -60,6 +60,7 @@ class QwenVariant:
             default_model=self.default_model,
             max_controls=self.max_controls,
             condition_sizing=self.condition_sizing,
+            prompt_sees_controls=True,  # Qwen2.5-VL sees the controls: reference dropout encodes each subset
         )
 
 

@@ -8,10 +8,11 @@ with the reason it cannot change an entry.
 Staleness is impossible by construction: a field added to ``model`` or ``data`` is in the key until someone
 lists it in ``NOT_IN_KEY`` (at worst a needless re-encode, never a stale entry), and tests/cache/
 test_cache_keys.py walks every field of the schema and fails for one of any other section that is not listed.
-Two fields enter through a derived value (``DERIVED``): ``model.pretrained`` as the encoders' identity (a
+Three fields enter through a derived value (``DERIVED``): ``model.pretrained`` as the encoders' identity (a
 folder's file stamps, so replaced weights re-encode; ``qflux.model_source.ModelSource`` says what is a folder,
-``~`` expanded) and ``data.caption_dropout`` as whether the empty prompt is encoded. A leading ``~`` is expanded
-in every keyed string, whether or not the schema already did.
+``~`` expanded), ``data.caption_dropout`` as whether the empty prompt is encoded and ``data.reference_dropout`` as
+whether the prompts of the control subsets are. A leading ``~`` is expanded in every keyed string, whether or not
+the schema already did.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ NOT_IN_KEY: dict[str, str] = {
     "data.holdout": "which samples are held out; both kinds are encoded alike",
     "data.workers": "how many processes decode the images",
     "data.allow_no_controls": "whether a dataset without controls is accepted; the roles are in the fingerprint",
+    "data.mixed_controls": "a data check (whether samples may carry different numbers of controls); the roles are "
+                           "in the fingerprint",
     # cache: where entries live and whether they are used
     "cache.enabled": "whether the cache is used",
     "cache.dir": "where the entries live",
@@ -101,10 +104,18 @@ def _empty_prompt(config: QfluxConfig) -> bool:
     return config.data.caption_dropout > 0  # only whether the empty prompt is encoded, not how often it is used
 
 
+def _subset_prompts(config: QfluxConfig) -> bool:
+    # only whether the prompts of the control subsets are encoded (a trainer with TrainerInfo.prompt_sees_controls,
+    # training.encoding.encode_with_subset_prompts), not how often references drop. The key does not know the
+    # trainer's flag: for a trainer without it, toggling p between 0 and > 0 re-encodes its entries once, needlessly
+    return config.data.reference_dropout > 0
+
+
 # Keyed fields that enter through a value derived from the config (the raw value is not hashed).
 DERIVED: dict[str, Callable[[QfluxConfig], Any]] = {
     "model.pretrained": _pretrained,  # the folder's file stamps: weights replaced in place re-encode
     "data.caption_dropout": _empty_prompt,
+    "data.reference_dropout": _subset_prompts,
 }
 
 

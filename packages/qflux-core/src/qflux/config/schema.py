@@ -60,6 +60,9 @@ class DataConfig(Section):
     control_path: PathStr | list[PathStr] | None = None
     mask_path: PathStr | None = None  # a folder of masks named like the targets (any folder layout)
     allow_no_controls: bool = False  # an edit trainer on a dataset without any control image: warn, not refuse
+    # samples carry different numbers of control images on purpose (multi-reference models: FLUX.2, Qwen-Edit-Plus):
+    # the "fewer controls than most samples" check (a forgotten control file) is off
+    mixed_controls: bool = False
     resolution: Resolution = 512  # int = pixel budget of a square (keep aspect); [h, w] = fixed; list = buckets
     resize: Literal["budget", "fixed", "buckets"] | None = None  # None: derived from the resolution's form
     # control (condition) image size: None = what the trainer's pipeline feeds at inference (~1 MP);
@@ -67,6 +70,9 @@ class DataConfig(Section):
     control_resolution: int | Literal["target"] | None = None
     vl_resolution: int | None = None  # Qwen VL encoder's copy of each control: None = the pipeline's; int = budget side
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    # each control (reference) image of a training sample dropped with this probability, independently (all
+    # dropped: a text-to-image step), so one LoRA serves none, one or several references; never in validation
+    reference_dropout: float = Field(0.0, ge=0.0, le=1.0)
     columns: dict[str, str] = Field(default_factory=dict)  # HF datasets: qflux name -> column name
     holdout: int = Field(0, ge=0)  # samples kept out of training for the validation loss
     max_aspect: float = Field(4.0, gt=1.0)  # longer/shorter side above this is reported as a bad sample

@@ -178,8 +178,10 @@ def check_record(record: SampleRecord, data: DataConfig, decode: bool = True) ->
     return _check_one(record, data, decode).problems
 
 
-def control_count_problems(records: list[SampleRecord], max_controls: int | None = None) -> list[DataProblem]:
-    """Samples with fewer controls than the most common count, and (given ``max_controls``) more than that."""
+def control_count_problems(records: list[SampleRecord], max_controls: int | None = None,
+                           mixed: bool = False) -> list[DataProblem]:
+    """Samples with fewer controls than the most common count (unless ``mixed``: ``data.mixed_controls``, counts
+    that differ on purpose), and (given ``max_controls``) more than that."""
     problems: list[DataProblem] = []
     counts = Counter(len(r.controls) for r in records)
     if not counts:
@@ -187,12 +189,13 @@ def control_count_problems(records: list[SampleRecord], max_controls: int | None
     usual = max(counts, key=lambda c: (counts[c], c))
     for r in records:
         n = len(r.controls)
-        if n < usual:
+        if n < usual and not mixed:
             problems.append(
                 DataProblem(
                     r.origin,
                     f"'{r.key}' has {n} control image(s) while {counts[usual]} of {len(records)} samples have "
-                    f"{usual}; add the missing control image(s)",
+                    f"{usual}; add the missing control image(s) (samples with different numbers of controls on purpose: "
+                    f"set data.mixed_controls: true)",
                 )
             )
         if max_controls is not None and n > max_controls:
@@ -303,7 +306,7 @@ def _inspect(data: DataConfig, base_dir: Path | None, max_controls: int | None,
     checked = _map(one, scan.records, data.workers)
     for found in checked:
         problems.extend(found.problems)
-    problems.extend(control_count_problems(scan.records, max_controls))
+    problems.extend(control_count_problems(scan.records, max_controls, data.mixed_controls))
     problems.extend(mask_count_problems(scan.records))
     if needs_controls and (missing := control_presence_problem(scan, data.allow_no_controls)) is not None:
         problems = [p for p in problems if p.file != missing.file]  # the unread folder it names: said once

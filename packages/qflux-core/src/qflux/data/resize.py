@@ -16,7 +16,10 @@ edit pair stays pixel-aligned whatever the mode. Only a control whose aspect rea
 aspect (its own centred box, clamped to ``data.max_aspect``). The control's final size (``plan_control``):
 
 - ``data.control_resolution: null``: what the trainer's pipeline feeds at inference (``ConditionSizing``,
-  ``condition_size``); a trainer without a rule: as ``"target"``;
+  ``condition_size``): Kontext's preferred-resolution snap and Qwen's ``calculate_dimensions`` resize the
+  whole box to a size near their area; FLUX.2's ``shrink_only`` shrinks a box above its area to that area
+  (never enlarges a smaller one) and floors the sides to 16 by a centre crop of the box
+  (``condition_crop``), as its pipeline does; a trainer without a rule: as ``"target"``;
 - ``"target"``: the target's planned size (an own-aspect control: its aspect at the target's area);
 - an int ``r``: its box's aspect with about ``r * r`` pixels.
 
@@ -167,9 +170,47 @@ def calculate_dimensions(area: float, ratio: float, multiple: int = 32) -> Size:
     return max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple)
 
 
+def _pixels(x: float) -> int:
+    """A side in whole pixels as the pipeline would get it (a box's float side: 63.99999 is 64, not 63)."""
+    return max(1, math.floor(round(x, 6)))
+
+
+def shrink_only_sizes(sizing: ConditionSizing, width: float, height: float) -> tuple[Size, Size]:
+    """The ``shrink_only`` rule on a ``width x height`` image: the ``(w, h)`` the pipeline resizes it to (its
+    own size unless above ``area``: ``Flux2ImageProcessor._resize_to_target_area``, sides truncated) and the
+    ``(w, h)`` of its centre crop to multiples of ``multiple`` (at least ``multiple``)."""
+    w, h = _pixels(width), _pixels(height)
+    if w * h > sizing.area:
+        scale = math.sqrt(sizing.area / (w * h))
+        w, h = max(1, int(w * scale)), max(1, int(h * scale))
+    m = sizing.multiple
+    return (w, h), (max(m, w // m * m), max(m, h // m * m))
+
+
+def condition_crop(sizing: ConditionSizing, width: float, height: float) -> Box:
+    """The part of a ``width x height`` condition image the pipeline keeps, normalised: ``shrink_only``: the
+    crop of the (shrunk) image to its floored sides, offsets floored as ``Flux2ImageProcessor._resize_and_crop``
+    does (``(w - fw) // 2``), a side already under ``multiple`` kept whole (stretched to ``multiple``); the
+    other rules resize the whole image: ``FULL``."""
+    if not sizing.shrink_only:
+        return FULL
+    (w, h), (fw, fh) = shrink_only_sizes(sizing, width, height)
+    left, top = max(0, (w - fw) // 2), max(0, (h - fh) // 2)
+    return left / w, top / h, min(1.0, (left + fw) / w), min(1.0, (top + fh) / h)
+
+
+def sub_box(outer: Box, inner: Box) -> Box:
+    """``inner`` (normalised to ``outer``) in the coordinates ``outer`` is normalised to."""
+    x0, y0, x1, y1 = outer
+    w, h = x1 - x0, y1 - y0
+    return x0 + inner[0] * w, y0 + inner[1] * h, x0 + inner[2] * w, y0 + inner[3] * h
+
+
 def condition_size(sizing: ConditionSizing, width: float, height: float) -> Size:
-    """The ``(w, h)`` the pipeline described by ``sizing`` resizes a condition image of ``width x height``
-    pixels to (see ``ConditionSizing``)."""
+    """The ``(w, h)`` the pipeline described by ``sizing`` gives a condition image of ``width x height``
+    pixels (see ``ConditionSizing``; ``shrink_only``: the size after its crop, ``condition_crop``)."""
+    if sizing.shrink_only:
+        return shrink_only_sizes(sizing, width, height)[1]
     m = sizing.input_multiple
     if m > 1:  # the pipeline floors the input's sides before it takes the aspect (a box's float sides:
         # 63.99999 is a 64 px side, not 63)
@@ -185,7 +226,16 @@ def plan_control(
     width: int, height: int, data: DataConfig, target: Placement | None = None, sizing: ConditionSizing | None = None
 ) -> Placement:
     """Box and size of a ``width x height`` control. ``target``: the target's placement (None: a sample without
-    target). ``sizing``: the trainer's pipeline rule (see the module docstring)."""
+    target). ``sizing``: the trainer's pipeline rule (see the module docstring).
+
+    With a ``shrink_only`` rule the box is narrowed to the pipeline's crop (``condition_crop`` of the box's
+    pixel extent), so the one LANCZOS step of ``load.place`` maps output pixels onto the source exactly as the
+    pipeline's shrink-then-crop does (scale ``W / int(W * s)`` per axis, the crop's floored offset). A control
+    given whole is then the pipeline's image: exactly when it is not shrunk (a crop at scale 1); when shrunk,
+    PIL's LANCZOS with a ``box`` in one step and the pipeline's resize-then-crop differ in float rounding of
+    the filter taps, a few values (well under 1 %) by 1-2 levels of 255, no shift. A box of fractional pixel
+    extent (a control sharing the target's crop) is read as its floored whole pixels, as the image the
+    pipeline would get."""
     aligned = target is not None and shares_target_geometry(target.source, (width, height))
     if target is not None and aligned:
         box = target.box
@@ -198,6 +248,7 @@ def plan_control(
         size = budget_size(*own.extent, mode * mode)
     elif mode is None and sizing is not None:
         size = condition_size(sizing, *own.extent)
+        box = sub_box(box, condition_crop(sizing, *own.extent))
     elif target is not None and aligned:
         size = target.size
     else:

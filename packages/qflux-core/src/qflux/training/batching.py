@@ -1,7 +1,10 @@
-"""Group encoded samples into batches of equal signature and stack them (``collate``).
+"""Group encoded samples into batches of equal target grid and stack them (``collate``).
 
-Samples of different target size or control layout never share a batch (aspect buckets), so image tokens
-are never padded; prompts of different length are right-padded and masked.
+Samples of different target size never share a batch (aspect buckets), so image tokens are never padded;
+prompts of different length are right-padded and masked. Samples of one target grid but different control
+layouts (count or sizes of the reference images) do share one: such a batch keeps its controls per sample
+and runs one forward per layout (``Batch.layout_groups``, ``qflux.training.step.predict``), so a dataset
+whose samples carry 0, 1 or 3 references, or reference dropout, still trains in full batches.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ from qflux.types import Batch, EncodedSample, PromptEmbeds
 
 
 def collate(samples: Sequence[EncodedSample]) -> Batch:
-    """Stack samples of one signature: latents [B, N, C], prompt hidden [B, L_max, D] + mask [B, L_max]."""
+    """Stack samples of one target grid: latents [B, N, C], prompt hidden [B, L_max, D] + mask [B, L_max].
+
+    Controls: stacked [B, Nc_i, C] when every sample has the same control layout; otherwise kept per sample
+    (``Batch.sample_controls``, ``Batch.controls`` empty): a mixed batch."""
     first = samples[0]
-    if any(s.signature != first.signature for s in samples):
-        raise ValueError("collate() needs samples of one signature (target grid and control grids)")
+    if any(s.grid != first.grid for s in samples):
+        raise ValueError("collate() needs samples of one target grid")
+    uniform = all(s.signature[1] == first.signature[1] for s in samples)
     masks = [s.mask for s in samples]
     masked = None
     if any(m is None for m in masks) and not all(m is None for m in masks):
@@ -33,10 +40,12 @@ def collate(samples: Sequence[EncodedSample]) -> Batch:
         latents=torch.stack([s.latents for s in samples]),
         grid=first.grid,
         prompt=stack_prompts([s.prompt for s in samples]),
-        controls=[torch.stack([s.controls[i] for s in samples]) for i in range(len(first.controls))],
-        control_grids=list(first.control_grids),
+        controls=[torch.stack([s.controls[i] for s in samples]) for i in range(len(first.controls))] if uniform else [],
+        control_grids=list(first.control_grids) if uniform else [],
         mask=None if masks[0] is None else torch.stack([m.float() for m in masks]),
         masked=masked,
+        sample_controls=None if uniform else [list(s.controls) for s in samples],
+        sample_control_grids=None if uniform else [list(s.control_grids) for s in samples],
     )
 
 
@@ -55,25 +64,27 @@ def stack_prompts(prompts: Sequence[PromptEmbeds]) -> PromptEmbeds:
 
 
 class BucketBatchSampler:
-    """Yields lists of sample indices; each list holds samples of one signature.
+    """Yields lists of sample indices; each list holds samples of one target grid (a bucket).
 
-    One epoch: shuffle within each bucket, cut into batches of ``batch_size`` (a bucket's remainder forms
-    a smaller batch, so every sample is seen once per epoch), shuffle the batches. Deterministic for a seed
-    and epoch, so a resumed run replays the same order.
+    ``signatures``: each sample's ``EncodedSample.signature`` (target grid, control grids); only the target
+    grid keys the bucket, so samples that differ in control layout share batches (``collate`` keeps their
+    controls apart). One epoch: shuffle within each bucket, cut into batches of ``batch_size`` (a bucket's
+    remainder forms a smaller batch, so every sample is seen once per epoch), shuffle the batches.
+    Deterministic for a seed and epoch, so a resumed run replays the same order.
     """
 
-    def __init__(self, signatures: Sequence[object], batch_size: int, seed: int) -> None:
+    def __init__(self, signatures: Sequence[Sequence[object]], batch_size: int, seed: int) -> None:
         self.buckets: dict[object, list[int]] = defaultdict(list)
         for index, signature in enumerate(signatures):
-            self.buckets[signature].append(index)
+            self.buckets[signature[0]].append(index)
         self.batch_size = batch_size
         self.seed = seed
 
     def epoch(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         batches: list[list[int]] = []
-        for signature in sorted(self.buckets, key=repr):
-            indices = list(self.buckets[signature])
+        for grid in sorted(self.buckets, key=repr):
+            indices = list(self.buckets[grid])
             rng.shuffle(indices)
             batches.extend(indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size))
         rng.shuffle(batches)
@@ -93,7 +104,7 @@ class RankBatch:
 def rank_batches(sampler: BucketBatchSampler, epoch: int, rank: int, world: int) -> list[RankBatch]:
     """Process ``rank``'s micro-batches of one epoch.
 
-    The sampler cuts global batches of ``batch_size * world`` samples of one signature; rank r takes the r-th
+    The sampler cuts global batches of ``batch_size * world`` samples of one target grid; rank r takes the r-th
     slice of each, so the optimizer sees the same global batches whatever the process count. A bucket's short
     last global batch of n samples is split as evenly as the count allows (slices differ by at most one), each
     slice's loss scaled by ``len(slice) * world / n``: the mean over processes is then the mean over the n

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from itertools import combinations
 from typing import Any
 
 import torch
 
 from qflux.cache import CacheContext, EmbeddingCache, entry_key
-from qflux.config.schema import QfluxConfig
+from qflux.config.schema import ModelConfig, QfluxConfig
 from qflux.model_source import torch_dtype
 from qflux.trainer import Trainer
-from qflux.types import EncodedSample, PromptEmbeds
+from qflux.types import EditSample, EncodedSample, PromptEmbeds
 
 
 def training_device() -> torch.device:
@@ -69,7 +70,9 @@ def encode_records(
     on_progress: Callable[[int], None] | None = None,
 ) -> list[EncodedSample]:
     """One EncodedSample per record, in order: from the cache when a verified entry exists, otherwise
-    decoded, resized and encoded in chunks (and stored). The encoders load only if something is missing."""
+    decoded, resized and encoded in chunks (and stored). The encoders load only if something is missing.
+    Reference dropout on a trainer whose prompt sees the controls adds the prompts of the control subsets
+    (``encode_with_subset_prompts``)."""
     from qflux.data import load_sample
 
     out: list[EncodedSample | None] = [None] * len(records)
@@ -86,11 +89,15 @@ def encode_records(
         elif on_progress is not None:
             on_progress(1)
     with_empty = config.data.caption_dropout > 0
+    subsets = config.data.reference_dropout > 0 and trainer.info.prompt_sees_controls
     dtype = torch_dtype(config.model)
     for start in range(0, len(missing), chunk):
         part = missing[start : start + chunk]
         samples = [load_sample(records[i], config.data, trainer.info.condition_sizing) for i in part]
-        encoded = trainer.encode(encoders.get(), samples, config.model, with_empty)
+        if subsets:
+            encoded = encode_with_subset_prompts(trainer, encoders.get(), samples, config.model, with_empty)
+        else:
+            encoded = trainer.encode(encoders.get(), samples, config.model, with_empty)
         for i, sample in zip(part, encoded):
             out[i] = sample = in_dtype(sample, dtype)
             if cache is not None and keys[i] is not None:
@@ -100,18 +107,67 @@ def encode_records(
     return out  # type: ignore[return-value]
 
 
+def control_subsets(sample: EditSample) -> list[tuple[str, EditSample]]:
+    """Each proper subset of the sample's controls (the empty one included, the full set left out: 2^k - 1 for
+    k controls) as (key of ``EncodedSample.subset_prompts``: the kept indices joined by ",", the sample with
+    only those controls and their ``vl_controls``)."""
+    k = len(sample.controls)
+    out = []
+    for size in range(k):
+        for kept in combinations(range(k), size):
+            vl = [sample.vl_controls[i] for i in kept] if sample.vl_controls else []
+            out.append((",".join(str(i) for i in kept),
+                        replace(sample, controls=[sample.controls[i] for i in kept], vl_controls=vl)))
+    return out
+
+
+def encode_with_subset_prompts(trainer: Trainer, encoders: Any, samples: list[EditSample], model: ModelConfig,
+                               with_empty: bool) -> list[EncodedSample]:
+    """``trainer.encode`` of ``samples``, each with its ``subset_prompts`` (and ``subset_empty_prompts`` when
+    ``with_empty``): the prompt of every proper subset of its controls, for reference dropout on a trainer whose
+    prompt encoding sees the controls (``TrainerInfo.prompt_sees_controls``).
+
+    Why whole encodes: the plugin API has one encoding stage, so each subset is a copy of the sample carrying
+    only those controls, encoded as any sample (one ``trainer.encode`` call for the samples and all their
+    copies). The cost: each proper subset re-runs the VL encoder (prompt and empty prompt) and the VAE on the
+    target and the kept controls, whose latents are thrown away; Qwen takes k <= 3 controls, so at most 7
+    extra encodes per sample, paid once per cache entry."""
+    per_sample = [control_subsets(s) for s in samples]
+    copies = [copy for subsets in per_sample for _, copy in subsets]
+    encoded = trainer.encode(encoders, samples + copies, model, with_empty)
+    if len(encoded) != len(samples) + len(copies):
+        raise RuntimeError(f"trainer {trainer.info.name}: encode returned {len(encoded)} samples for "
+                           f"{len(samples) + len(copies)} (samples and their control subsets)")
+    rest = iter(encoded[len(samples):])
+    out = []
+    for sample, subsets in zip(encoded[: len(samples)], per_sample):
+        if subsets:
+            variants = {key: next(rest) for key, _ in subsets}
+            empty = {key: v.empty_prompt for key, v in variants.items() if v.empty_prompt is not None}
+            sample = replace(sample, subset_prompts={key: v.prompt for key, v in variants.items()},
+                             subset_empty_prompts=empty if with_empty else None)
+        out.append(sample)
+    return out
+
+
 def in_dtype(sample: EncodedSample, dtype: torch.dtype) -> EncodedSample:
     """Latents and prompt embeddings in the model's dtype (what the step casts them to anyway): halves the
     cache and the RAM for bf16. The edit mask keeps its precision."""
 
-    def cast(p: PromptEmbeds | None) -> PromptEmbeds | None:
-        if p is None:
-            return None
+    def cast_one(p: PromptEmbeds) -> PromptEmbeds:
         return PromptEmbeds(hidden=p.hidden.to(dtype), mask=p.mask,
                             pooled=p.pooled.to(dtype) if p.pooled is not None else None)
 
+    def cast(p: PromptEmbeds | None) -> PromptEmbeds | None:
+        return None if p is None else cast_one(p)
+
+    def cast_all(prompts: dict[str, PromptEmbeds] | None) -> dict[str, PromptEmbeds] | None:
+        return None if prompts is None else {key: cast_one(p) for key, p in prompts.items()}
+
     return replace(sample, latents=sample.latents.to(dtype), controls=[c.to(dtype) for c in sample.controls],
-                   prompt=cast(sample.prompt), empty_prompt=cast(sample.empty_prompt))
+                   prompt=cast(sample.prompt), empty_prompt=cast(sample.empty_prompt),
+                   subset_prompts=cast_all(sample.subset_prompts),
+                   subset_empty_prompts=cast_all(sample.subset_empty_prompts))
 
 
 class CachedSamples(Sequence):
