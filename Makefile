@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qflux-installed
-PACKAGES := packages/qflux-core packages/qflux-kontext packages/qflux-qwen packages/qflux-quant
+PACKAGES := packages/qflux-core packages/qflux-kontext packages/qflux-qwen packages/qflux-quant packages/qflux-flux2
 
 .PHONY: demo test test-floor bench lint install clean
 

@@ -87,9 +87,60 @@ def qwen_encoders() -> dict[str, nn.Module]:
     return {"Qwen2.5-VL-7B": Qwen2_5_VLForConditionalGeneration(config), "VAE": AutoencoderKLQwenImage()}
 
 
+def build_flux2_dev() -> nn.Module:
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel()  # the class defaults are FLUX.2 [dev]'s config (8 + 48 blocks, 32.2 B)
+
+
+def build_flux2_klein(size: str) -> Callable[[], nn.Module]:
+    """FLUX.2 [klein] base 4B (5 + 20 blocks, 24 heads, Qwen3-4B: 3 x 2560) / 9B (8 + 24, 32 heads, Qwen3-8B:
+    3 x 4096), the values of their transformer/config.json; the parameter counts (3.88 B, 9.08 B) match the names."""
+    from diffusers import Flux2Transformer2DModel
+
+    sizes = {"4B": dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680),
+             "9B": dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288)}
+    return lambda: Flux2Transformer2DModel(guidance_embeds=False, **sizes[size])
+
+
+def flux2_dev_encoders() -> dict[str, nn.Module]:
+    """Mistral-Small-3.1-24B (Mistral3ForConditionalGeneration: text model, Pixtral vision tower, lm_head) and the
+    FLUX.2 VAE (``AutoencoderKLFlux2`` defaults)."""
+    from diffusers import AutoencoderKLFlux2
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
+                         num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+        vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                           num_attention_heads=16, image_size=1540, patch_size=14),
+        tie_word_embeddings=False,
+    )
+    return {"Mistral-3.1-24B": Mistral3ForConditionalGeneration(config), "VAE": AutoencoderKLFlux2()}
+
+
+def flux2_klein_encoders(size: str) -> Callable[[], dict[str, nn.Module]]:
+    """Qwen3-4B (tied embeddings) or Qwen3-8B as ``Qwen3ForCausalLM``, and the FLUX.2 VAE."""
+
+    def build() -> dict[str, nn.Module]:
+        from diffusers import AutoencoderKLFlux2
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        dims = {"4B": dict(hidden_size=2560, intermediate_size=9728, tie_word_embeddings=True),
+                "8B": dict(hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)}[size]
+        config = Qwen3Config(vocab_size=151936, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                             head_dim=128, **dims)
+        return {f"Qwen3-{size}": Qwen3ForCausalLM(config), "VAE": AutoencoderKLFlux2()}
+
+    return build
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, nn.Module]]]] = {
     "FLUX.1-Kontext-dev": (build_flux, kontext_encoders),
     "Qwen-Image-Edit": (build_qwen, qwen_encoders),
+    "FLUX.2-dev": (build_flux2_dev, flux2_dev_encoders),
+    "FLUX.2-klein-base-4B": (build_flux2_klein("4B"), flux2_klein_encoders("4B")),
+    "FLUX.2-klein-base-9B": (build_flux2_klein("9B"), flux2_klein_encoders("8B")),
 }
 
 
@@ -221,12 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=1024, help="square side for the activation bound")
     parser.add_argument("--controls", type=int, default=1, help="control images of the same size")
     parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--targets", nargs="+", default=None, help="LoRA targets (default: model.lora.targets')")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args(argv)
     image_tokens = (args.resolution // 16) ** 2
     tokens = image_tokens * (1 + args.controls) + args.text_tokens
-    targets = LoraConfig().targets
+    targets = args.targets or LoraConfig().targets
     skip = ModelConfig().quantize_skip
-    estimates = [estimate(name, args.rank, targets, skip, tokens) for name in MODELS]
+    estimates = [estimate(name, args.rank, targets, skip, tokens) for name in args.models]
 
     print("STATIC MEMORY ESTIMATE, computed from parameter counts on the meta device; NOT measured on a GPU.")
     print("Activations, the CUDA context and allocator overhead are NOT included.\n")
