@@ -117,10 +117,19 @@ def _config(tmp: Path, folder: Path) -> Path:
 @pytest.mark.parametrize("case, expected", [
     ("undecodable", "s1"),
     ("empty", "s1"),
+    ("too many", "at most 10"),
+    ("missing", "missing.png"),
 ])
 def test_bad_references_are_exit_2_one_line_before_any_work(case, expected, tmp_path):
-    bad = "not an image" if case == "undecodable" else ""
-    folder = _folder(tmp_path / "data", [[(64, 64)], [(64, 64), bad]])
+    refs = {"undecodable": [(64, 64), "not an image"], "empty": [(64, 64), ""], "too many": [(64, 64)] * 11,
+            "missing": [(64, 64)]}[case]
+    folder = _folder(tmp_path / "data", [[(64, 64)], refs])
+    if case == "missing":  # a manifest naming a reference file that is not there
+        rows = [{"target": "training_images/s0.png", "control": ["control_images/s0.png"], "prompt": "x"},
+                {"target": "training_images/s1.png", "control": ["control_images/s1.png", "missing.png"],
+                 "prompt": "x"}]
+        (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        folder = folder / "train.jsonl"
     done = run_qflux("train", "--config", str(_config(tmp_path, folder)))
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]

@@ -13,4 +13,4 @@ transformers are imported inside the hook bodies. The heavy modules, one job eac
 - ``sampling``: validation / inference images through ``FluxKontextPipeline``
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
