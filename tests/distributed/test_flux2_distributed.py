@@ -1,14 +1,14 @@
 """FLUX.2 [klein] on two CPU processes (gloo): samples with 0, 1 and 2 references and reference dropout, so a
-micro-batch splits into sub-batches of one reference layout and the processes' splits differ. DDP and
-``train.fsdp`` both keep the ranks identical (no hang: under FSDP every forward is a collective, so both
-processes must run the same number of them)."""
+micro-batch splits into sub-batches of one reference layout and the processes' splits differ. ``train.fsdp``
+keeps the ranks identical without a hang: every FSDP forward is a collective, so both processes must run the
+same number of them. (DDP with the same data was checked once, by hand: identical ranks too; it has no per-forward
+collective, so the FSDP case is the one a regression would hang.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -30,8 +30,7 @@ def make_folder(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_mixed_reference_layouts_keep_two_processes_identical(tmp_path, fsdp):
+def test_mixed_reference_layouts_keep_two_processes_identical(tmp_path):
     config = write_config(tmp_path / "c.yaml", {
         "trainer": "flux2-klein",
         "model": {"pretrained": "builtin:tiny", "dtype": "float32", "max_sequence_length": 32,
@@ -39,7 +38,7 @@ def test_mixed_reference_layouts_keep_two_processes_identical(tmp_path, fsdp):
         "data": {"path": str(make_folder(tmp_path / "data")), "resolution": 64, "holdout": 0,
                  "mixed_controls": True, "reference_dropout": 0.3},
         "cache": {"enabled": True, "dir": str(tmp_path / "cache")},
-        "train": {"max_steps": 3, "batch_size": 2, "lr": 5e-3, "save_every": 0, "seed": 0, "fsdp": fsdp},
+        "train": {"max_steps": 3, "batch_size": 2, "lr": 5e-3, "save_every": 0, "seed": 0, "fsdp": True},
         "validation": {"every": 0},
         "output": {"dir": str(tmp_path / "run")},
     })
