@@ -135,12 +135,35 @@ def flux2_klein_encoders(size: str) -> Callable[[], dict[str, nn.Module]]:
     return build
 
 
+def build_qwen21() -> nn.Module:
+    from diffusers import QwenImage21Transformer2DModel
+
+    return QwenImage21Transformer2DModel()  # the class defaults are Qwen-Image 2.1's config (32 blocks, 4096 wide)
+
+
+def qwen21_encoders() -> dict[str, nn.Module]:
+    """Qwen3-VL-8B (text 4096 wide, 36 layers; vision tower 27 layers, 1152 wide, deepstack 8/16/24) and the
+    RGBA Qwen-Image 2.1 VAE (``AutoencoderKLQwenImage21`` defaults)."""
+    from diffusers import AutoencoderKLQwenImage21
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                           deepstack_visual_indexes=[8, 16, 24]),
+        tie_word_embeddings=False,
+    )
+    return {"Qwen3-VL-8B": Qwen3VLForConditionalGeneration(config), "VAE": AutoencoderKLQwenImage21()}
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, nn.Module]]]] = {
     "FLUX.1-Kontext-dev": (build_flux, kontext_encoders),
     "Qwen-Image-Edit": (build_qwen, qwen_encoders),
     "FLUX.2-dev": (build_flux2_dev, flux2_dev_encoders),
     "FLUX.2-klein-base-4B": (build_flux2_klein("4B"), flux2_klein_encoders("4B")),
     "FLUX.2-klein-base-9B": (build_flux2_klein("9B"), flux2_klein_encoders("8B")),
+    "Qwen-Image-2.1": (build_qwen21, qwen21_encoders),
 }
 
 

@@ -114,11 +114,21 @@ class EditSample:
 
 @dataclass
 class PromptEmbeds:
-    """Prompt encoding. Per sample: hidden [L, D], mask [L], pooled [P]; batched: a leading B."""
+    """Prompt encoding. Per sample: hidden [L, D], mask [L], pooled [P], image_slots [L]; batched: a leading B."""
 
     hidden: torch.Tensor
     mask: torch.Tensor | None = None  # 1 = real token, 0 = padding
     pooled: torch.Tensor | None = None
+    # [L] bool: the positions a vision-language encoder reserved for image tokens, which a transformer that
+    # interleaves images into the text stream fills with the images' latents (Qwen-Image 2.1); None: no such slots
+    image_slots: torch.Tensor | None = None
+
+    def with_rows(self, take: Any) -> PromptEmbeds:
+        """The same fields with ``take(tensor)`` applied to each one present (row selection, moves, casts of
+        ``hidden`` / ``pooled`` are the caller's ``take``)."""
+        return PromptEmbeds(hidden=take(self.hidden), mask=None if self.mask is None else take(self.mask),
+                            pooled=None if self.pooled is None else take(self.pooled),
+                            image_slots=None if self.image_slots is None else take(self.image_slots))
 
 
 @dataclass
@@ -220,15 +230,15 @@ class Batch:
         import torch
 
         p = self.prompt
-        hidden = p.hidden.index_select(0, index.to(p.hidden.device))
-        pooled = None if p.pooled is None else p.pooled.index_select(0, index.to(p.pooled.device))
-        if p.mask is None:
-            return PromptEmbeds(hidden=hidden, mask=None, pooled=pooled)
-        mask = p.mask.index_select(0, index.to(p.mask.device))
+        rows = p.with_rows(lambda t: t.index_select(0, index.to(t.device)))
+        if rows.mask is None:
+            return rows
+        mask = rows.mask
         used = (mask != 0).any(dim=0).long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)
         length = int(used.max()) or mask.shape[1]  # the last column any row uses (an all-zero mask: keep all)
-        return PromptEmbeds(hidden=hidden[:, :length].contiguous(), mask=mask[:, :length].contiguous(),
-                            pooled=pooled)
+        return PromptEmbeds(hidden=rows.hidden[:, :length].contiguous(), mask=mask[:, :length].contiguous(),
+                            pooled=rows.pooled,
+                            image_slots=None if rows.image_slots is None else rows.image_slots[:, :length].contiguous())
 
     def to(self, device: Any, dtype: Any = None) -> Batch:
         """Move every tensor; floating tensors are cast to ``dtype`` when given (masks stay as they are)."""
@@ -243,7 +253,8 @@ class Batch:
             latents=move(self.latents),
             grid=self.grid,
             prompt=PromptEmbeds(
-                hidden=move(self.prompt.hidden), mask=move(self.prompt.mask, cast=False), pooled=move(self.prompt.pooled)
+                hidden=move(self.prompt.hidden), mask=move(self.prompt.mask, cast=False), pooled=move(self.prompt.pooled),
+                image_slots=move(self.prompt.image_slots, cast=False),
             ),
             controls=[move(c) for c in self.controls],
             control_grids=self.control_grids,

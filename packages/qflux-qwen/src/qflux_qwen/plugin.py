@@ -1,5 +1,5 @@
-"""The Qwen-Image-Edit trainers (``qwen-edit``, ``qwen-edit-plus``, ``qwen-edit-2511``): ``Trainer`` objects
-registered with qflux, one per variant (``qflux_qwen.variants``).
+"""The Qwen trainers: the Qwen-Image-Edit ones (``qwen-edit``, ``qwen-edit-plus``, ``qwen-edit-2511``), one
+``QwenTrainer`` per variant (``qflux_qwen.variants``), and ``qwen-image-2.1`` (``qflux_qwen.image21``).
 
 This module is the ``qflux`` entry point and stays light: no torch / diffusers / transformers import at module
 level (``qflux plugins list`` imports it); each stage imports its heavy module when called.
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from qflux import hookimpl
 from qflux.plugin_api import Trainer
+from qflux_qwen.image21.trainer import Image21Trainer
 from qflux_qwen.variants import VARIANTS, QwenVariant
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,7 +70,8 @@ class QwenTrainer(Trainer):
         return sample(self.variant, bundle, request)
 
 
-TRAINERS: dict[str, QwenTrainer] = {name: QwenTrainer(variant) for name, variant in VARIANTS.items()}
+TRAINERS: dict[str, Trainer] = {name: QwenTrainer(variant) for name, variant in VARIANTS.items()}
+TRAINERS["qwen-image-2.1"] = Image21Trainer()
 
 
 @hookimpl

@@ -21,13 +21,16 @@ def _prompt_tensors(prefix: str, p: PromptEmbeds | None) -> dict[str, torch.Tens
         out[f"{prefix}.mask"] = p.mask
     if p.pooled is not None:
         out[f"{prefix}.pooled"] = p.pooled
+    if p.image_slots is not None:
+        out[f"{prefix}.image_slots"] = p.image_slots
     return out
 
 
 def _prompt_from(prefix: str, t: dict[str, torch.Tensor]) -> PromptEmbeds | None:
     if f"{prefix}.hidden" not in t:
         return None
-    return PromptEmbeds(hidden=t[f"{prefix}.hidden"], mask=t.get(f"{prefix}.mask"), pooled=t.get(f"{prefix}.pooled"))
+    return PromptEmbeds(hidden=t[f"{prefix}.hidden"], mask=t.get(f"{prefix}.mask"), pooled=t.get(f"{prefix}.pooled"),
+                        image_slots=t.get(f"{prefix}.image_slots"))
 
 
 def _subset_tensors(name: str, prompts: dict[str, PromptEmbeds] | None) -> dict[str, torch.Tensor]:

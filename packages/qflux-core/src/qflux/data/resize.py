@@ -45,20 +45,21 @@ def resize_mode(data: DataConfig) -> ResizeMode:
     return data.resolution_spec.mode
 
 
-def round_side(x: float) -> int:
-    """Nearest multiple of 16, at least 16."""
-    return max(MULTIPLE, int(round(x / MULTIPLE)) * MULTIPLE)
+def round_side(x: float, multiple: int = MULTIPLE) -> int:
+    """Nearest multiple of ``multiple`` (16), at least ``multiple``."""
+    return max(multiple, int(round(x / multiple)) * multiple)
 
 
-def budget_size(width: float, height: float, area: float, max_aspect: float | None = None) -> Size:
+def budget_size(width: float, height: float, area: float, max_aspect: float | None = None,
+                multiple: int = MULTIPLE) -> Size:
     """Keep ``width / height`` (clamped to ``max_aspect``: the crop takes the middle) with about ``area``
-    pixels; sides rounded to multiples of 16."""
+    pixels; sides rounded to multiples of ``multiple`` (16; a control: its trainer pipeline's multiple)."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     aspect = width / height
     if max_aspect is not None:
         aspect = min(max(aspect, 1 / max_aspect), max_aspect)
-    return round_side(math.sqrt(area * aspect)), round_side(math.sqrt(area / aspect))
+    return round_side(math.sqrt(area * aspect), multiple), round_side(math.sqrt(area / aspect), multiple)
 
 
 def closest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> Size:
@@ -244,8 +245,8 @@ def plan_control(
         box = crop_box(width, height, aspect)
     own = Placement((width, height), box, (0, 0), aligned)
     mode = data.control_resolution
-    if isinstance(mode, int):
-        size = budget_size(*own.extent, mode * mode)
+    if isinstance(mode, int):  # a budget, with sides on the multiple the trainer's pipeline needs (Qwen-Image 2.1: 32)
+        size = budget_size(*own.extent, mode * mode, multiple=sizing.multiple if sizing is not None else MULTIPLE)
     elif mode is None and sizing is not None:
         size = condition_size(sizing, *own.extent)
         box = sub_box(box, condition_crop(sizing, *own.extent))

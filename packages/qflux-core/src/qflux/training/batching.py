@@ -60,7 +60,12 @@ def stack_prompts(prompts: Sequence[PromptEmbeds]) -> PromptEmbeds:
         mask[i, : lengths[i]] = p.mask.long() if p.mask is not None else 1
     has_mask = any(p.mask is not None for p in prompts) or len(set(lengths)) > 1
     pooled = torch.stack([p.pooled for p in prompts]) if prompts[0].pooled is not None else None
-    return PromptEmbeds(hidden=hidden, mask=mask if has_mask else None, pooled=pooled)
+    slots = None
+    if prompts[0].image_slots is not None:  # padding is never an image slot
+        slots = torch.zeros(len(prompts), longest, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            slots[i, : lengths[i]] = p.image_slots
+    return PromptEmbeds(hidden=hidden, mask=mask if has_mask else None, pooled=pooled, image_slots=slots)
 
 
 class BucketBatchSampler:

@@ -156,7 +156,7 @@ def in_dtype(sample: EncodedSample, dtype: torch.dtype) -> EncodedSample:
 
     def cast_one(p: PromptEmbeds) -> PromptEmbeds:
         return PromptEmbeds(hidden=p.hidden.to(dtype), mask=p.mask,
-                            pooled=p.pooled.to(dtype) if p.pooled is not None else None)
+                            pooled=p.pooled.to(dtype) if p.pooled is not None else None, image_slots=p.image_slots)
 
     def cast(p: PromptEmbeds | None) -> PromptEmbeds | None:
         return None if p is None else cast_one(p)

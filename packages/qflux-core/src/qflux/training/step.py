@@ -145,7 +145,7 @@ def first_sample(batch: Batch) -> Batch:
         return None if t is None else t[:1]
 
     return replace(batch, keys=batch.keys[:1], latents=batch.latents[:1], controls=[c[:1] for c in batch.controls],
-                   prompt=PromptEmbeds(hidden=prompt.hidden[:1], mask=head(prompt.mask), pooled=head(prompt.pooled)),
+                   prompt=prompt.with_rows(lambda t: t[:1]),
                    mask=head(batch.mask), masked=head(batch.masked))
 
 
