@@ -151,3 +151,14 @@ def test_bad_conditions_are_exit_2_one_line_before_any_work(counts, expected, tm
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     assert expected in lines[-1] and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_quantized_base_with_gradient_checkpointing_trains(tmp_path):
+    pytest.importorskip("qflux_quant")
+    data = make_folder(tmp_path / "data", [1, 2, 0, 1])
+    config = load_config(write_config(tmp_path / "q.yaml", config_dict(
+        tmp_path, "builtin:tiny", data, model={"quantize": "nf4", "gradient_checkpointing": True},
+        train={"max_steps": 2, "save_every": 0, "batch_size": 2})))
+    result = train(config)
+    assert result.steps == 2 and all(np.isfinite(result.losses))
+    assert all(torch.isfinite(v).all() for v in load_file(str(result.lora_path)).values())
