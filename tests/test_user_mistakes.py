@@ -554,6 +554,32 @@ def _(tmp):
     return train_args(config(tmp)), ["output.dir:", "is a file, not a folder"]
 
 
+@pytest.fixture
+def run_lock():
+    """``hold(folder)``: this test process holds the run lock of ``folder`` (as a live run does) until the end."""
+    from qflux.run.lock import RunLock
+
+    locks = []
+
+    def hold(folder: Path) -> None:
+        locks.append(RunLock(folder))
+        locks[-1].acquire()
+
+    yield hold
+    for lock in locks:
+        lock.release()
+
+
+@case("output-dir-in-use")
+def _(tmp, run_lock):  # another run holds output.dir: refused before the dataset is read, its lock file untouched
+    import socket
+
+    run_lock(tmp / "run")
+    return train_args(config(tmp)), [f"output.dir {tmp / 'run'} is in use by another qflux run (pid {os.getpid()} on "
+                                     f"host {socket.gethostname()}, started ",
+                                     "wait for it or choose another output.dir"]
+
+
 @case("output-dir-read-only")
 def _(tmp):
     # a read-only bind mount in a user + mount namespace: refused even for root (chmod would not be)
@@ -795,6 +821,71 @@ def test_cache_entry_that_cannot_be_written_is_a_user_error(tmp_path: Path) -> N
     assert len(cache) == 0 and not (cache.root / "index.jsonl").exists()
 
 
+DISK_FULL_CACHE = "disk-full-while-caching"
+DISK_FULL_EXPORT = "disk-full-while-exporting"
+
+
+def _on_tmpfs(folder: Path, snapshot: Path, size: str, before: str = "") -> list[str]:
+    """The ``prefix`` of ``run_cli`` that runs the command with ``folder`` on a tmpfs of ``size`` (a user + mount
+    namespace; ``before``: shell commands run first, on the mounted folder) and copies the folder's contents to
+    ``snapshot`` afterwards (the tmpfs ends with the namespace)."""
+    snapshot.mkdir()
+    script = (f'mount -t tmpfs -o size={size} tmpfs "{folder}" || exit 99; {before} "$@"; rc=$?; '
+              f'rm -f "{folder}/filler"; cp -a "{folder}/." "{snapshot}/"; exit $rc')
+    return ["unshare", "-r", "-m", "sh", "-c", script, "sh"]
+
+
+def test_disk_full_while_caching(tmp_path: Path) -> None:
+    """`qflux cache` with cache.dir on a 40 KiB tmpfs: the first entries fit, a later one does not. Exit 2, one
+    line naming the entry and saying the disk is full; the entries written before stay valid, no temporary file
+    is left."""
+    from qflux.cache.store import EmbeddingCache
+
+    if not _can_mount_tmpfs(tmp_path):
+        pytest.skip("no user + mount namespace here (unshare -r -m)")
+    cache, snap = tmp_path / "cache", tmp_path / "snapshot"
+    cache.mkdir()
+    path = config(tmp_path, data={"num_samples": 8, "holdout": 0})
+    result = run_cli(["cache", "--config", str(path)], cwd=tmp_path, prefix=_on_tmpfs(cache, snap, "40k"))
+    message = assert_one_user_error(result, f"cache.dir: cannot write the cache entry {cache}",
+                                    "(No space left on device): the disk is full",
+                                    "set cache.dir to a disk with room, or set cache.enabled: false")
+    assert len(message.strip().splitlines()) == 1
+    kept = EmbeddingCache(snap)
+    assert 1 <= len(kept) < 8 and kept.verify() == []
+    assert [p for p in snap.rglob(".*")] == []
+
+
+def test_disk_full_while_exporting(tmp_path: Path) -> None:
+    """The final LoRA export onto a full disk: a run killed after its last checkpoint (step 2), before its
+    export, holds the LoRA of its earlier run (step 1); `--resume` only writes the LoRA, onto a tmpfs with 16 KiB
+    left. Exit 2, one line naming the LoRA and saying the disk is full; the previous LoRA is intact."""
+    from qflux.config import load_config
+    from qflux.run.train import train
+
+    if not _can_mount_tmpfs(tmp_path):
+        pytest.skip("no user + mount namespace here (unshare -r -m)")
+    src, run, snap = tmp_path / "src", tmp_path / "run", tmp_path / "snapshot"
+    prepared = config(tmp_path, "prepare.yaml", output={"dir": str(src)}, data={"num_samples": 4, "holdout": 0},
+                      train={"max_steps": 1, "save_every": 1})
+    train(load_config(prepared))
+    step_1 = (src / "pytorch_lora_weights.safetensors").read_bytes()
+    train(load_config(config(tmp_path, "prepare.yaml", output={"dir": str(src)}, data={"num_samples": 4, "holdout": 0},
+                             train={"max_steps": 2, "save_every": 1})), resume=True)
+    (src / "pytorch_lora_weights.safetensors").write_bytes(step_1)  # as if killed before the export of step 2
+    run.mkdir()
+    path = config(tmp_path, data={"num_samples": 4, "holdout": 0}, train={"max_steps": 2, "save_every": 1})
+    fill = (f'cp -a "{src}/." "{run}/"; dd if=/dev/zero of="{run}/filler" bs=4k 2>/dev/null; '
+            f'truncate -s -16k "{run}/filler";')
+    result = run_cli(train_args(path, "--resume"), cwd=tmp_path, prefix=_on_tmpfs(run, snap, "1m", fill))
+    message = assert_one_user_error(result, f"cannot write the LoRA {run / 'pytorch_lora_weights.safetensors'}: "
+                                    "No space left on device; the disk is full",
+                                    "then run the same command with --resume")
+    assert len(message.strip().splitlines()) == 1
+    assert (snap / "pytorch_lora_weights.safetensors").read_bytes() == step_1
+    assert [p.name for p in snap.iterdir() if p.name.startswith(".export-")] == []
+
+
 # --------------------------------------------------------------------------- unusual inputs just work
 
 
@@ -837,5 +928,5 @@ def test_docs_table_matches_the_tests() -> None:
     text = (REPO / "docs" / "errors.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| `([a-z0-9-]+)` \|", text, flags=re.M)
     assert len(rows) == len(set(rows)), "duplicate rows"
-    assert set(rows) == set(CASES) | {DISK_FULL}
+    assert set(rows) == set(CASES) | {DISK_FULL, DISK_FULL_CACHE, DISK_FULL_EXPORT}
     assert len(rows) >= 25

@@ -163,33 +163,70 @@ def export_lora(transformer: torch.nn.Module, pipeline: str, lora: LoraConfig, d
         directory.mkdir(parents=True, exist_ok=True)
         _write_atomic(tensors, header, target)
     except OSError as err:
-        failure = write_failure(err, f"the LoRA {target}")
+        named = err  # the message names the LoRA, not its (removed) temporary file
+        if err.filename and Path(err.filename).name.startswith(TEMP_PREFIX):
+            named = OSError(err.errno, err.strerror)
+        failure = write_failure(named, f"the LoRA {target}")
         raise UserError(f"{failure}; then run the same command with --resume: it writes the LoRA from the last "
                         "checkpoint") from err
     return target
 
 
+TEMP_PREFIX = ".export-"  # the export's temporary files: .export-<pid>-<random>.safetensors next to the LoRA
+
+
 def _write_atomic(tensors: dict[str, torch.Tensor], header: dict[str, str], target: Path) -> None:
-    """Write a safetensors file next to ``target`` and rename it into place; nothing is left on failure."""
+    """Write a safetensors file next to ``target`` and rename it into place; nothing is left on failure.
+
+    A process killed mid-write leaves ``target`` as it was (the previous export, or none) and its temporary
+    file, which no reader opens (a dot-file that is not the LoRA's name); the next export removes it."""
     import tempfile
 
     from safetensors.torch import save_file
 
     from qflux.filemodes import give_normal_mode
+    from qflux.killpoints import pause_point
 
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=".export-", suffix=".safetensors")
+    _remove_stale_temps(target.parent)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".safetensors")
     os.close(fd)
     tmp = Path(name)
     try:
+        pause_point("export-temp-open")
         try:
             save_file(tensors, str(tmp), metadata=header)
         except Exception as err:  # safetensors reports a failed write as SafetensorError("... (os error N)")
             raise _as_os_error(err, tmp) from err
         give_normal_mode(tmp)  # mkstemp's 0600 would survive the rename: ComfyUI under another uid could not read it
+        pause_point("export-before-rename")
         tmp.replace(target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    """Delete the temporary export files of writers that were killed (their process is gone): a real LoRA's
+    leftover is hundreds of MB. A live writer's file (another process still exporting here) is left alone."""
+    for stale in directory.glob(f"{TEMP_PREFIX}*.safetensors"):
+        pid = stale.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError:  # not ours to delete: the write below reports an unwritable folder
+                pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process writes one export at a time: a file of its own pid is a leftover
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: a process of another user
+        return True
+    return True
 
 
 def _as_os_error(err: Exception, path: Path) -> Exception:

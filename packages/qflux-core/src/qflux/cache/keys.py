@@ -81,6 +81,7 @@ NOT_IN_KEY: dict[str, str] = {
     "train.max_grad_norm": "optimisation",
     "train.log_every": "logging",
     "train.fsdp": "how the transformer is sharded",
+    "train.collective_timeout": "how long the process group waits for a rank",
     # loss: applied to the prediction; the entry holds the token mask it weights
     "loss.mask_weighting.foreground": "a loss weight, applied per step",
     "loss.mask_weighting.background": "a loss weight, applied per step",

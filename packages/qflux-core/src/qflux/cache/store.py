@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from qflux.cache.serialize import from_bytes, read_metadata, signature_from_metadata, to_bytes
 from qflux.errors import UserError
+from qflux.killpoints import pause_point
 from qflux.types import EncodedSample
 
 INDEX = "index.jsonl"
@@ -91,6 +93,8 @@ class EmbeddingCache:
         fd = os.open(self.root / INDEX, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, line.encode())
+        except OSError as err:  # os.write names no file: the message must name the index, not the entry
+            raise OSError(err.errno, err.strerror, str(self.root / INDEX)) from err
         finally:
             os.close(fd)
 
@@ -117,14 +121,22 @@ class EmbeddingCache:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            pause_point("cache-entry-before-rename")  # a kill here leaves a temporary file no reader opens
             os.replace(tmp, path)
+            tmp = None
+            pause_point("cache-entry-before-index")  # here, a complete file the index does not list: not read
             self._append_index(key, stamp)
         except BaseException as err:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
             if isinstance(err, OSError):
+                what = err.filename or path
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise UserError(f"cache.dir: cannot write the cache entry {what} ({err.strerror}): the disk is "
+                                    "full; free space on it, set cache.dir to a disk with room, or set "
+                                    "cache.enabled: false") from err
                 raise UserError(
-                    f"cache.dir: cannot write the cache entry {err.filename or path} ({err.strerror or err}); "
+                    f"cache.dir: cannot write the cache entry {what} ({err.strerror or err}); "
                     "free space there, set cache.dir to another folder, or set cache.enabled: false"
                 ) from err
             raise

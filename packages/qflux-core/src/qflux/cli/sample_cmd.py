@@ -104,6 +104,8 @@ def sample(
                             seed=seed, guidance=guidance, true_cfg=true_cfg, negative_prompt=negative_prompt,
                             vl_controls=request_sample.vl_controls)
     result = selection.trainer.sample(bundle, request)
+    from qflux.training.validation import save_image
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    result.save(out)
+    save_image(result, out, "sample-before-rename")  # a temporary file renamed over --out: never a partial image
     typer.echo(f"wrote {out} ({width}x{height}, size from {sizes_from})")

@@ -1,9 +1,11 @@
 """``qflux train FILE|--config FILE [--trainer NAME] [--set k=v ...] [--resume | --resume-from CKPT]``.
 
 Before anything is written, ``qflux.run.preflight.check_run`` checks every mistake it can find without a
-model (config, plugins, model folder, output and cache folders, resume checkpoint, every data sample). The
-loop creates ``output.dir`` only once the models loaded and the cache folder only with its first entry, so a
-run that fails earlier leaves nothing behind.
+model (config, plugins, model folder, output and cache folders, resume checkpoint, every data sample). One
+run per ``output.dir``: the main process then takes its lock (``qflux.run.lock``, a second run is refused
+with exit 2) and holds it from before ``--cache`` encoding to the end. Nothing but the lock file is written
+to ``output.dir`` before the models loaded, and the cache folder is created with its first entry, so a run
+that fails earlier leaves nothing behind (the lock removes the file, and the folder if it created it).
 """
 
 from __future__ import annotations
@@ -45,10 +47,14 @@ def train(
     how = resume_from if resume_from is not None else resume
     records = check_run(cfg, registry, resume=how)  # checked once, then handed on (no second scan or hash)
 
+    from qflux.run.lock import RunLock, main_process
     from qflux.run.train import train as run_training
 
-    if cache:
-        from qflux.run.cache import build_cache
+    # taken here, before --cache encodes anything; train() takes it again (counted) and the main process
+    # holds it until the run ends
+    with RunLock(cfg.output.dir, enabled=main_process()):
+        if cache:
+            from qflux.run.cache import build_cache
 
-        build_cache(cfg, registry, records=records)
-    run_training(cfg, registry=registry, resume=how, records=records)
+            build_cache(cfg, registry, records=records)
+        run_training(cfg, registry=registry, resume=how, records=records)

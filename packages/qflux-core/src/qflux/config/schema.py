@@ -129,6 +129,7 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     log_every: int = Field(1, ge=1)
     fsdp: bool = False  # with several processes: shard the frozen base (torch FSDP2), keep the LoRA replicated
+    collective_timeout: float = Field(10.0, gt=0)  # minutes a collective waits for a dead/stuck rank (not 30)
 
     @field_validator("timestep_sampling", mode="before")
     @classmethod

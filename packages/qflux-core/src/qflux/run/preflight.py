@@ -9,7 +9,8 @@ then leaves nothing behind (no ``output.dir``, no cache folder). What is checked
 2. ``model.pretrained``: a local folder exists, holds every component its ``model_index.json`` lists, and its
    components are of the classes the trainer's pipeline needs (a folder of another model family);
    ``model.lora.targets`` name modules of its transformer (built on the meta device: no weights read);
-3. ``output.dir`` and ``cache.dir`` can be created and written; ``output.dir`` holds no run unless resuming;
+3. ``output.dir`` and ``cache.dir`` can be created and written; no other run holds ``output.dir`` (its lock,
+   ``qflux.run.lock``; probed here, taken by the run); ``output.dir`` holds no run unless resuming;
    the checkpoint to resume from is intact and was written with the same config (the keys that differ are
    named);
 4. the images of ``validation.samples`` exist and decode (1, 2 and 4 are ``check_config``: all of ``qflux
@@ -270,13 +271,17 @@ def _differing_keys(checkpoint: Path, config: QfluxConfig, fingerprint: Callable
 
 
 def check_output(config: QfluxConfig, resume: bool | Path = False, adapter_file: str = LORA_FILE) -> None:
-    """``output.dir`` is writable and holds no run unless resuming; a resume has a checkpoint to continue
-    (``qflux.training.run_folder``), intact, of the same config (the differing keys named), changes no
-    setting a resume cannot apply (``qflux.training.resume``), and is not past ``train.max_steps`` unexported."""
+    """``output.dir`` is writable, not in use by another run (its lock, asked by the main process only) and
+    holds no run unless resuming; a resume has a checkpoint to continue (``qflux.training.run_folder``),
+    intact, of the same config (the differing keys named), changes no setting a resume cannot apply
+    (``qflux.training.resume``), and is not past ``train.max_steps`` unexported."""
+    from qflux.run.lock import check_free, main_process
     from qflux.training.run_folder import remaining_work, resume_point
 
     output = Path(config.output.dir)
     check_writable(output, "output.dir")
+    if main_process():  # the other ranks of a launch share the main process's run (and its lock)
+        check_free(output)
     if isinstance(resume, Path):
         _check_usable_checkpoint(resume)
     path = resume_point(output, resume, lambda message: None, adapter_file)

@@ -22,8 +22,11 @@ from qflux.training.resume import Change, describe_changes, resume_changes
 
 def start(config: QfluxConfig, registry: Registry | None, console: Console | None) -> Run:
     """The plugins, the ``Accelerator`` (one per call), the console and the model's timestep shift."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     from qflux.plugins import build_registry  # looked up per call, not bound at import (tests replace it)
     from qflux.training.launch import check_world_size
@@ -38,9 +41,13 @@ def start(config: QfluxConfig, registry: Registry | None, console: Console | Non
     AcceleratorState._reset_state(reset_partial_state=False)
     # Without a GPU, ask accelerate for CPU explicitly: only then does a torchrun-style launch
     # (`accelerate launch --multi_gpu`) become a multi-process gloo run instead of N single-process runs.
+    # A bounded wait in every collective (train.collective_timeout, not the backend's 30 min): where the
+    # launcher does not tear the group down when a rank dies (multi-node, plain torchrun), the others stop
+    # with an error after this long instead of hanging. Only applies when this call creates the group.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=config.train.collective_timeout))
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                               gradient_accumulation_steps=config.train.grad_accum,
-                              cpu=not torch.accelerator.is_available())
+                              cpu=not torch.accelerator.is_available(), kwargs_handlers=[timeout])
     check_world_size(accelerator.num_processes)  # a launch of N processes that started one: refused
     console = console or Console(stderr=True, quiet=not accelerator.is_main_process, soft_wrap=True,
                                  highlight=False)

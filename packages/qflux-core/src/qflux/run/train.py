@@ -1,6 +1,7 @@
 """A training run: ``train(config) -> TrainResult``, as a list of phases.
 
-start (plugins, process group, timestep shift) -> resume point -> encode the dataset (or read the cache)
+start (plugins, process group, timestep shift) -> the lock of output.dir (``qflux.run.lock``: one run per
+folder, held until ``train`` returns) -> resume point -> encode the dataset (or read the cache)
 -> load the models (transformer, quantizer, adapter) -> optimizer -> DDP or FSDP -> run folder -> validation
 at step 0 -> steps (validation, checkpoints, Ctrl-C) -> finish (last validation, checkpoint, export).
 Only the main process writes files; every rank runs the same number of micro-batches.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
@@ -17,6 +19,9 @@ from rich.console import Console
 from qflux.config.schema import QfluxConfig
 from qflux.plugins import Registry
 from qflux.training.fingerprint import config_fingerprint
+
+if TYPE_CHECKING:
+    from qflux.run.context import Run
 
 __all__ = ["TrainResult", "config_fingerprint", "train"]
 
@@ -38,17 +43,28 @@ def train(config: QfluxConfig, registry: Registry | None = None, resume: bool | 
     """Run (or resume) training as configured; returns where the LoRA went and the losses seen. ``records``:
     the dataset's records when the caller has them already (``qflux train``: preflight's checked records),
     else the dataset is opened here."""
+    from qflux.run.lock import RunLock
+    from qflux.run.setup import start
+
+    run = start(config, registry, console)
+    # only the main process writes the folder, so only it takes the lock (released on any exit, and by the OS
+    # when the process dies); a second run into output.dir is refused here, before any work
+    with RunLock(run.output_dir, enabled=run.is_main, warn=run.console.print):
+        return _train(run, resume, records)
+
+
+def _train(run: Run, resume: bool | Path, records: list | None) -> TrainResult:
     from accelerate.utils import set_seed
 
     from qflux.run.encode import encode_phase
     from qflux.run.models import training_models
-    from qflux.run.setup import describe_models, open_run_folder, optimisation, resume_from, start
+    from qflux.run.setup import describe_models, open_run_folder, optimisation, resume_from
     from qflux.run.steps import Loop, finish, run_steps
     from qflux.run.validator import Validator
     from qflux.training.metrics import MetricsLog
     from qflux.training.strategy import prepare
 
-    run = start(config, registry, console)
+    config = run.config
     resumed = resume_from(run, resume)
     if resumed.finished:
         return TrainResult(output_dir=run.output_dir, steps=resumed.checkpoint.position.step, resumed_from=resumed.path,

@@ -24,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 
 from qflux.errors import UserError, write_failure
 from qflux.filemodes import give_normal_mode
+from qflux.killpoints import pause_point
 from qflux.layout import CHECKPOINT_ADAPTER as LORA
 from qflux.layout import CHECKPOINT_MANIFEST as MANIFEST
 from qflux.layout import CHECKPOINT_STATE as STATE
@@ -107,6 +108,7 @@ def save_checkpoint(
             files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         _write(tmp / MANIFEST, json.dumps(files, indent=2).encode())
         give_normal_mode(tmp)  # mkdtemp's 0700 would survive the rename: others could not read the checkpoint
+        pause_point("checkpoint-before-rename")  # a kill here leaves a .step-* folder, removed by the next save
         if final.exists():
             shutil.rmtree(final)
         tmp.replace(final)

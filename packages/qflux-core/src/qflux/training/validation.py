@@ -116,5 +116,32 @@ def _fit(draw: Any, text: str, width: float, font: Any) -> str:
 def save_grid(output_dir: Path, step: int, image: Image.Image) -> Path:
     path = output_dir / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    save_image(image, path, "grid-before-rename")
     return path
+
+
+def save_image(image: Image.Image, path: Path, point: str) -> None:
+    """Write ``image`` to ``path`` atomically: into a temporary file of the same folder (a dot-file, the
+    format taken from ``path``'s extension), renamed over ``path`` when complete. A process killed or a disk
+    that fills up mid-write leaves ``path`` as it was (absent, or the previous image), never a partial image.
+    ``point``: the name of the kill point between the write and the rename (``qflux.killpoints``)."""
+    import os
+    import tempfile
+
+    from qflux.filemodes import give_normal_mode
+    from qflux.killpoints import pause_point
+
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        try:
+            image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower()))
+        except OSError as err:  # PIL's failed write names no file: the CLI's message for a full disk names it
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        give_normal_mode(tmp)  # mkstemp's 0600 would survive the rename
+        pause_point(point)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
