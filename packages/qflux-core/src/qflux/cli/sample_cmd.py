@@ -108,4 +108,7 @@ def sample(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(result, out, "sample-before-rename")  # a temporary file renamed over --out: never a partial image
+    if result.size != (width, height):  # a model whose sides need a coarser multiple (Qwen-Image 2.1: 32) floors them
+        sizes_from += f", floored by the {selection.trainer.name} trainer from {width}x{height}"
+    width, height = result.size
     typer.echo(f"wrote {out} ({width}x{height}, size from {sizes_from})")
