@@ -15,9 +15,10 @@ $(STAMP): constraints.txt requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/pypr
 	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt $(foreach p,$(PACKAGES),-e $(p))
 	touch $(STAMP)
 
+# One torch thread: the tiny model gains nothing from two, and on a busy 2-core machine they make a step ~10x slower.
 demo: $(STAMP)
 	rm -rf runs/demo-kontext  # a fresh run each time; the embedding cache (.qflux-cache) is kept
-	$(VENV)/bin/qflux train --config configs/demo-kontext.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/qflux train --config configs/demo-kontext.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers, a test file per worker: 12 min instead of 21 on 2 cores

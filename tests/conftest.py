@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_fork_server import run_qflux_process
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -83,14 +84,10 @@ def run_qflux(tmp_path: Path):
 
     def run(*args: str, plugins: str | None = "", pythonpath=(), console_script: bool = False, cwd=None,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        cmd = [str(Path(sys.executable).parent / "qflux")] if console_script else [sys.executable, "-m", "qflux"]
-        return subprocess.run(
-            cmd + [str(a) for a in args],
-            cwd=cwd or tmp_path,
-            env=qflux_env(pythonpath, QFLUX_LOAD_PLUGINS=plugins, **(env or {})),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        full_env = qflux_env(pythonpath, QFLUX_LOAD_PLUGINS=plugins, **(env or {}))
+        if console_script:  # the installed entry point itself, never forked
+            return subprocess.run([str(Path(sys.executable).parent / "qflux"), *map(str, args)], cwd=cwd or tmp_path,
+                                  env=full_env, capture_output=True, text=True, timeout=120)
+        return run_qflux_process(list(args), cwd or tmp_path, full_env, timeout=120)
 
     return run

@@ -248,7 +248,7 @@ def test_cli_finds_the_adapter_through_its_entry_point(run_qflux, adapter_dist, 
     assert result.returncode == 0, result.stderr
     listing = run_qflux("plugins", "list", "--json", plugins="toyadapter", pythonpath=[adapter_dist])
     assert listing.returncode == 0, listing.stderr
-    assert json.loads(listing.stdout)["adapters"] == ["lora", "toy-scale"]
+    assert json.loads(listing.stdout)["adapters"] == ["loha", "lokr", "lora", "toy-scale"]
 
 
 def test_a_misspelt_adapter_option_is_one_config_error_with_a_did_you_mean(run_qflux, adapter_dist, tmp_path):
@@ -272,11 +272,11 @@ def test_an_unknown_adapter_name_is_exit_2_naming_the_installed_ones(run_qflux, 
     path = write_cli_config(tmp_path, adapter="toy-scal", adapter_options={"targets": TARGETS})
     err = one_error_line(run_qflux("config", "check", path, plugins="kontext,toyadapter", pythonpath=[adapter_dist]))
     assert len(err.splitlines()) == 1, err
-    assert "unknown adapter 'toy-scal'" in err and "installed: lora, toy-scale" in err
+    assert "unknown adapter 'toy-scal'" in err and "installed: loha, lokr, lora, toy-scale" in err
     assert "did you mean 'toy-scale'?" in err
     # and the same name without the plugin installed: only the core's adapter is offered
     err = one_error_line(run_qflux("config", "check", path, plugins="kontext"))
-    assert "unknown adapter 'toy-scal'" in err and "installed: lora)" in err
+    assert "unknown adapter 'toy-scal'" in err and "installed: loha, lokr, lora)" in err
 
 
 # --------------------------------------------------------------------------- run folder of a plugin adapter

@@ -64,7 +64,7 @@ def test_every_section_is_read_from_yaml() -> None:
     assert (c.model.dtype, c.model.quantize, c.model.quantize_skip) == ("float16", "nf4", ["norm"])
     assert c.model.gradient_checkpointing is True and c.model.options == {"guidance": 3.5} and c.model.max_sequence_length == 256
     assert c.model.lora.model_dump() == {"rank": 32, "alpha": 8.0, "targets": ["to_q", "to_v"], "init": "default",
-                                         "dropout": 0.1}
+                                         "dropout": 0.1, "dora": True, "rslora": True}
     assert c.data.resolution == [(512, 768), (768, 512)] and c.data.resize == "buckets"
     assert (c.data.control_resolution, c.data.caption_dropout, c.data.holdout, c.data.max_aspect) == (384, 0.05, 2, 3.0)
     assert c.data.columns == {"target": "edited", "prompt": "instruction"}

@@ -48,7 +48,8 @@ CONFIG_MD = REPO / "docs" / "config.md"
 
 HOOKSPECS = {name: fn for name, fn in vars(hookspecs).items() if name.startswith("qflux_") and callable(fn)}
 REGISTRATION_HOOKS = {"qflux_register_trainers", "qflux_register_quantizers", "qflux_register_adapters"}
-CALLBACK_HOOKS = {"qflux_on_step", "qflux_on_validation", "qflux_on_checkpoint", "qflux_on_export"}
+CALLBACK_HOOKS = {"qflux_on_start", "qflux_on_step", "qflux_on_validation", "qflux_on_checkpoint", "qflux_on_export",
+                  "qflux_eval_weights", "qflux_checkpoint_files"}  # the hooks that hand an event
 
 
 def methods_of(cls: type, helpers: set[str]) -> list[str]:
@@ -372,8 +373,21 @@ class Recorder:
         self.events.append((name, event))
 
     @qflux.hookimpl
+    def qflux_on_start(self, event):
+        self._event("qflux_on_start", event)
+
+    @qflux.hookimpl
     def qflux_on_step(self, event):
         self._event("qflux_on_step", event)
+
+    @qflux.hookimpl
+    def qflux_eval_weights(self, event):
+        self._event("qflux_eval_weights", event)  # None: the trained weights are evaluated
+
+    @qflux.hookimpl
+    def qflux_checkpoint_files(self, event):
+        self._event("qflux_checkpoint_files", event)
+        return {"recorder.json": json.dumps({"step": event.step}).encode()}
 
     @qflux.hookimpl
     def qflux_on_validation(self, event):
@@ -469,7 +483,7 @@ def test_every_hookspec_is_called_in_a_real_training_run(recorded_runs) -> None:
     fresh, resumed = recorded_runs
     registry = fresh.registry
     assert set(registry.trainers) == {"toy"} and set(registry.quantizers) == {"toy-round"}
-    assert set(registry.adapters) == {"lora", "recorded"}  # the core's own registration and the recorder's
+    assert set(registry.adapters) == {"lora", "lokr", "loha", "recorded"}  # the core's own and the recorder's
     assert all(v.ndim == 0 and torch.isfinite(v) for run in recorded_runs for v in run.losses)
 
     def of(run, name):
@@ -486,6 +500,14 @@ def test_every_hookspec_is_called_in_a_real_training_run(recorded_runs) -> None:
     checkpoints = of(fresh, "qflux_on_checkpoint") + of(resumed, "qflux_on_checkpoint")
     assert [e.step for e in checkpoints] == [2, 4, 6]
     assert all(e.path.name == f"step-{e.step:06d}" and e.path.is_dir() for e in checkpoints)
+    assert [(e.step, e.checkpoint) for e in of(fresh, "qflux_on_start")] == [(0, None)]
+    [start] = of(resumed, "qflux_on_start")
+    assert start.step == 4 and start.checkpoint == fresh.output / "checkpoints" / "step-000004"
+    assert json.loads((start.checkpoint / "recorder.json").read_text()) == {"step": 4}  # the plugin's file
+    assert start.params == [start.transformer.bias] and start.adapter is resumed.registry.adapters["recorded"]
+    assert [e.step for e in of(fresh, "qflux_checkpoint_files")] == [2, 4]
+    purposes = [(e.step, e.purpose) for e in of(fresh, "qflux_eval_weights")]
+    assert purposes[:2] == [(0, "validation"), (0, "validation")] and purposes[-1] == (4, "export")
     [export] = of(resumed, "qflux_on_export")
     assert export.step == 6 and export.path == fresh.output / Adapter.file_name and export.path.is_file()
 
@@ -628,7 +650,7 @@ def swap_lines(block: str, first: str, second: str) -> str:
     ("Quantizer.quantize?", "Adapter.attach"),
     ("Adapter.attach", "Adapter.load_state?"),
     ("(Trainer.predict -> qflux_loss)+", "qflux_on_step"),
-    ("Adapter.state_dict -> Adapter.export", "qflux_on_validation"),
+    ("Adapter.state_dict -> qflux_eval_weights -> Adapter.export", "qflux_on_validation"),
     ("qflux_on_validation", "qflux_on_export"),
 ])
 def test_the_call_order_check_catches_two_swapped_stages(recorded_runs, first, second) -> None:

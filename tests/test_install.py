@@ -193,8 +193,8 @@ def test_stage_1_core_alone(venv: FreshVenv) -> None:
     venv.install_upto("qflux-core")
     located = venv.run(venv.python, "-c", "import qflux; print(qflux.__file__)")
     assert located.stdout.startswith(str(venv.root)), f"qflux imported from {located.stdout}: the checkout leaked in"
-    assert venv.listing() == {"plugins": [], "broken": [], "trainers": [], "quantizers": [], "adapters": ["lora"],
-                              "aliases": {}}
+    assert venv.listing() == {"plugins": [], "broken": [], "trainers": [], "quantizers": [],
+                              "adapters": ["loha", "lokr", "lora"], "aliases": {}}
     result = venv.check("trainer: kontext\n")
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_fork_server import run_qflux_process
 
 from qflux.config import load_config
 from qflux.errors import ConfigError
@@ -24,8 +24,7 @@ from qflux.errors import ConfigError
 def qflux(*args: str, cwd: Path, plugins: str = "kontext,qwen") -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(QFLUX_LOAD_PLUGINS=plugins, NO_COLOR="1", COLUMNS="200", TERM="dumb")
-    return subprocess.run([sys.executable, "-m", "qflux", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return run_qflux_process(list(args), cwd, env, timeout=300)
 
 
 @pytest.mark.parametrize(("name", "meant"), [("kontex", "kontext"), ("flux-kontext", "kontext"),

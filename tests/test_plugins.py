@@ -57,7 +57,8 @@ def hooks_implemented_by(plugin) -> list[str]:
 def test_core_alone_has_no_trainers_but_a_default_loss() -> None:
     registry = build_registry(load_entry_points=False)
     assert registry.plugins == [] and registry.broken == [] and registry.trainers == {} and registry.quantizers == {}
-    assert [name for name, _ in registry.pm.list_name_plugin()] == ["qflux.default"]
+    # the core's own: the default loss and adapters, and the train.ema callback
+    assert [name for name, _ in registry.pm.list_name_plugin()] == ["qflux.default", "qflux.ema"]
     with pytest.raises(PluginError, match=r"unknown trainer 'kontext' \(installed trainers: none\).*pip install qflux-kontext"):
         registry.trainer("kontext")
 
@@ -72,7 +73,7 @@ def test_trainers_and_quantizers_are_registered_with_their_plugin(toy_plugin) ->
     assert (toy.name, toy.kind, toy.trainers, toy.quantizers) == ("toy", "trainer", ["toy"], ["toy-round"])
     assert (bee.name, bee.package, bee.kind, bee.trainers) == ("b", "qflux-bee", "trainer", ["bee"])
     assert registry.provider == {"trainer:toy": "toy", "quantizer:toy-round": "toy", "trainer:bee": "qflux-bee",
-                                 "adapter:lora": "qflux-core"}
+                                 "adapter:lora": "qflux-core", "adapter:lokr": "qflux-core", "adapter:loha": "qflux-core"}
     # each plugin lists exactly the hooks it implements
     assert toy.hooks == hooks_implemented_by(toy_plugin)
     assert bee.hooks == ["qflux_register_trainers"]
@@ -302,8 +303,9 @@ def test_load_plugins_allow_list(run_qflux, plugin_path: Path) -> None:
     only_broken = plugins_json(run_qflux("plugins", "list", "--json", plugins=" broken ,", pythonpath=[plugin_path]))
     assert only_broken["plugins"] == [] and [b["name"] for b in only_broken["broken"]] == ["broken"]
     none = plugins_json(run_qflux("plugins", "list", "--json", plugins="", pythonpath=[plugin_path]))
-    # the core's own lora adapter is always there
-    assert none == {"plugins": [], "broken": [], "trainers": [], "quantizers": [], "adapters": ["lora"], "aliases": {}}
+    # the core's own adapters (lora, lokr, loha) are always there
+    assert none == {"plugins": [], "broken": [], "trainers": [], "quantizers": [], "adapters": ["loha", "lokr", "lora"],
+                    "aliases": {}}
     # unset: every installed plugin is found (whatever else is installed in this environment)
     everything = plugins_json(run_qflux("plugins", "list", "--json", plugins=None, pythonpath=[plugin_path]))
     assert {"toy"} <= {p["name"] for p in everything["plugins"]}
@@ -375,4 +377,4 @@ def test_an_adapter_kind_missing_a_method_is_a_broken_plugin() -> None:
     registry = build_registry(extra_plugins=[("half", Plugin())], load_entry_points=False)
     [broken] = registry.broken
     assert broken.name == "half" and "abstract" in broken.error and "export" in broken.error
-    assert set(registry.adapters) == {"lora"}
+    assert set(registry.adapters) == {"lora", "lokr", "loha"}

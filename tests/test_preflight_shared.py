@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_fork_server import run_qflux_process
 
 from qflux.testing import tiny_config, write_config
 
@@ -34,8 +34,7 @@ REFUSED = {
 def qflux(*args: str, cwd: Path, plugins: str = PLUGINS) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(QFLUX_LOAD_PLUGINS=plugins, NO_COLOR="1", COLUMNS="200", TERM="dumb")
-    return subprocess.run([sys.executable, "-m", "qflux", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return run_qflux_process(list(args), cwd, env, timeout=600)
 
 
 def one_error(result: subprocess.CompletedProcess[str], fragments: list[str]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_fork_server import run_qflux_process
 from PIL import Image
 
 from qflux.testing import tiny_config, write_config
@@ -92,8 +93,7 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
     """``python -m qflux ARGS`` with the kontext and quant plugins, no colours, a wide terminal."""
     full = {k: v for k, v in os.environ.items() if k not in ("QFLUX_LOAD_PLUGINS", "PYTHONPATH")}
     full.update(COLUMNS="200", NO_COLOR="1", TERM="dumb", QFLUX_LOAD_PLUGINS=PLUGINS, **(env or {}))
-    return subprocess.run([*prefix, sys.executable, "-m", "qflux", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full, preexec_fn=preexec_fn)
+    return run_qflux_process(args, cwd, full, timeout, preexec_fn, prefix)
 
 
 def assert_one_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -212,8 +212,8 @@ def _(tmp):
 
 @case("unknown-adapter")
 def _(tmp):
-    return train_args(config(tmp), "--set", "model.adapter=lokr"), ["unknown adapter 'lokr' for model.adapter",
-                                                                   "installed: lora"]
+    return train_args(config(tmp), "--set", "model.adapter=boft"), ["unknown adapter 'boft' for model.adapter",
+                                                                   "installed: loha, lokr, lora"]
 
 
 @case("trainer-option-misspelt")
@@ -234,6 +234,24 @@ def _(tmp):
         "train.fsdp cannot shard a quantized base (model.quantize: nf4)", "set train.fsdp: false (DDP)"]
 
 
+@case("offload-blocks-beyond-the-model")
+def _(tmp):
+    return train_args(config(tmp), "--set", "model.offload_blocks=9"), [
+        "model.offload_blocks: 9 is more than the 4 repeated blocks of this transformer; use at most 4 (or auto)"]
+
+
+@case("offload-blocks-negative")
+def _(tmp):
+    return train_args(config(tmp), "--set", "model.offload_blocks=-2"), [
+        "model.offload_blocks: -2 is negative; give a number of blocks (0 = off) or auto"]
+
+
+@case("offload-blocks-with-fsdp")
+def _(tmp):
+    return train_args(config(tmp), "--set", "model.offload_blocks=2", "--set", "train.fsdp=true"), [
+        "model.offload_blocks cannot be combined with train.fsdp"]
+
+
 @case("unknown-optimizer")
 def _(tmp):
     return train_args(config(tmp), "--set", "train.optimizer=adamw_torch"), [
@@ -242,8 +260,18 @@ def _(tmp):
 
 @case("optimizer-import-path-broken")
 def _(tmp):
-    return train_args(config(tmp), "--set", "train.optimizer=prodigyopt.Prodigy"), [
-        "train.optimizer: cannot import 'prodigyopt.Prodigy'", "install its package"]
+    return train_args(config(tmp), "--set", "train.optimizer=lion_pytorch.Lion"), [
+        "train.optimizer: cannot import 'lion_pytorch.Lion'", "install its package"]
+
+
+@case("optimizer-extra-missing")
+def _(tmp):  # prodigyopt hidden from the process: as where qflux-core[optim] is not installed
+    hide = tmp / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['prodigyopt'] = None  # not installed\n")
+    return train_args(config(tmp), "--set", "train.optimizer=prodigy"), [
+        "train.optimizer: prodigy needs the package prodigyopt", "pip install 'qflux-core[optim]'"], [
+        "env", f"PYTHONPATH={hide}", "PYTHONDONTWRITEBYTECODE=1"]
 
 
 @case("bad-optimizer-args")

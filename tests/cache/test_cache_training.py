@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_fork_server import run_qflux_process
 from PIL import Image
 
 from qflux.config import load_config
@@ -65,8 +65,7 @@ def config_for(tmp_path: Path, *overrides: str):
 def test_complete_cache_trains_without_loading_encoders(tmp_path):
     make_folder_dataset(tmp_path / "data")
     path, config = config_for(tmp_path)
-    built = subprocess.run([sys.executable, "-m", "qflux", "cache", "--config", str(path)],
-                           capture_output=True, text=True, timeout=300)
+    built = run_qflux_process(["cache", "--config", path], Path.cwd(), dict(os.environ), timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
     assert "4 encoded" in built.stdout
     spy = Spy(forbid_encoders=True)
@@ -136,8 +135,7 @@ def test_cache_maintenance_commands(tmp_path, command):
     make_folder_dataset(tmp_path / "data")
     path, config = config_for(tmp_path)
     build_cache(config, build_registry())
-    proc = subprocess.run([sys.executable, "-m", "qflux", "cache", command, "--config", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = run_qflux_process(["cache", command, "--config", path], Path.cwd(), dict(os.environ), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = {"info": "4/4 samples cached", "verify": "4/4 entries ok", "prune": "removed 0 entries"}[command]
     assert expected in proc.stdout

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from cli_fork_server import run_qflux_process
 
 from qflux.cache.store import EmbeddingCache
 from qflux.testing import tiny_config, write_config
@@ -41,8 +41,7 @@ def test_owner_is_recorded_and_prune_keeps_other_trainers(tmp_path: Path) -> Non
 def qflux(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(QFLUX_LOAD_PLUGINS="kontext", NO_COLOR="1", COLUMNS="200", TERM="dumb")
-    return subprocess.run([sys.executable, "-m", "qflux", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return run_qflux_process(list(args), cwd, env, timeout=600)
 
 
 def test_prune_cli_is_a_dry_run_and_spares_other_trainers(tmp_path: Path) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_fork_server import run_qflux_process
 
 from qflux.config.schema import DataConfig
 from qflux.data import FileImage, load_sample, open_records, scan_dataset
@@ -189,8 +189,7 @@ def test_docs_manifest_examples_read_as_documented(tmp_path, write_image):
 def _train(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("QFLUX_LOAD_PLUGINS", "PYTHONPATH")}
     env.update(QFLUX_LOAD_PLUGINS="kontext", COLUMNS="200", NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "qflux", "train", str(config), *extra], cwd=config.parent,
-                          capture_output=True, text=True, timeout=600, env=env)
+    return run_qflux_process(["train", config, *extra], config.parent, env, timeout=600)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import random
 import re
 
 import numpy as np
+import pytest
 
 from qflux.config.schema import DataConfig
 from qflux.data import check_dataset, load_sample, open_records
@@ -79,3 +80,26 @@ def test_sizes_follow_the_resolution_and_load_like_any_dataset():
     assert sample.target.size == (32, 64) and sample.controls[0].size == (32, 64) and sample.mask.size == (32, 64)
     assert sample.prompt == records[1].prompt and sample.files == ()
     assert check_dataset(DataConfig(path="builtin:shapes", resolution=32, num_samples=3)) == []
+
+
+def test_shapes_pink_turns_one_shape_a_colour_builtin_shapes_never_uses():
+    from qflux.data.shapes import NEW_COLOURS
+
+    pink = np.array(NEW_COLOURS["pink"])
+    records = open_records(DataConfig(path="builtin:shapes-pink", resolution=64, num_samples=12))
+    plain = open_records(DataConfig(path="builtin:shapes", resolution=64, num_samples=12))
+    assert {r.fingerprint() for r in records}.isdisjoint(r.fingerprint() for r in plain)  # other scenes
+    assert records[3].origin == "builtin:shapes-pink #3"
+    for i, record in enumerate(records):
+        ex = make_example(i, 64, 64, "pink")
+        assert record.prompt == ex.prompt and PROMPT.match(ex.prompt)["new"] == "pink"
+        control, target, changed = np.asarray(ex.control), np.asarray(ex.target), np.asarray(ex.mask) == 255
+        old = PROMPT.match(ex.prompt)["c1"]
+        assert (_colour_mask(control, old) == changed).all() and np.all(target[changed] == pink)
+        assert not np.all(control == pink, axis=-1).any()
+    for i in range(200):  # builtin:shapes never shows nor names it
+        ex = make_example(i, 64, 64)
+        assert "pink" not in ex.prompt
+        assert not np.all(np.asarray(ex.target) == pink, axis=-1).any()
+    with pytest.raises(ValueError, match="unknown new colour"):
+        make_example(0, 64, 64, "teal")

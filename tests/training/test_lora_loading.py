@@ -8,13 +8,14 @@ base model's image with exit 0.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from cli_fork_server import run_qflux_process
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_lora_export import live_deltas as deltas  # tests/training is on sys.path (rootdir-less test folders)
@@ -115,7 +116,7 @@ def _refused_files(state: dict[str, torch.Tensor]) -> dict[str, tuple[dict, str]
                          "target modules do not exist (e.g. text_encoder.text_model"),
         "full-weight": ({**state, "transformer.x_embedder.weight": torch.zeros(128, 64)}, "not a LoRA factor"),
         "dora": ({**state, "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.zeros(128)},
-                 "not a LoRA factor"),
+                 "a DoRA magnitude, but"),  # on one module of several: a whole DoRA (model.lora.dora) loads
         "half-pair": ({k: v for k, v in state.items() if k != b}, "partner is missing"),
         "rank-mismatch": ({**state, a: torch.zeros(3, 128)}, "differs from lora_A's 3"),
         "unprefixed-text-encoder": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(64, 4),
@@ -141,9 +142,8 @@ def test_a_file_whose_tensors_do_not_all_land_is_refused(case, tmp_path):
 
 
 def run_sample(config_path, out, *extra):
-    return subprocess.run([sys.executable, "-m", "qflux", "sample", "--config", str(config_path), "--prompt",
-                           "make the red square blue", "--out", str(out), "--steps", "2", "--seed", "3", *extra],
-                          capture_output=True, text=True, timeout=300)
+    return run_qflux_process(["sample", "--config", config_path, "--prompt", "make the red square blue", "--out", out,
+                              "--steps", "2", "--seed", "3", *extra], Path.cwd(), dict(os.environ), timeout=300)
 
 
 def pixels(path) -> np.ndarray:

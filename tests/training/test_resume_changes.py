@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli_fork_server import run_qflux_process
 
 from qflux.config import load_config
 from qflux.errors import ConfigError, UserError
@@ -31,8 +31,7 @@ STEPS = 4
 
 def qflux_train(config: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "QFLUX_LOAD_PLUGINS": "kontext", "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "qflux", "train", "--config", str(config), *extra],
-                          capture_output=True, text=True, timeout=400, env=env)
+    return run_qflux_process(["train", "--config", config, *extra], Path.cwd(), env, timeout=400)
 
 
 def flat(text: str) -> str:
@@ -128,3 +127,17 @@ def test_the_loop_names_the_fingerprinted_keys_that_differ(copy):
     with pytest.raises(UserError, match=r"different config; changed: model.lora.rank: 4 -> 8"):
         train(config, resume=True)  # was: "(model, data or batch settings changed)"
 
+
+
+def test_a_checkpoint_of_0_4_resumes_under_keys_added_since():
+    """The fingerprints 0.4.0 wrote for two configs (computed at that release): keys added later, at their
+    defaults, leave them unchanged; using such a key changes it and is named."""
+    from qflux.config.schema import QfluxConfig
+    from qflux.training.fingerprint import config_fingerprint, differing_keys
+
+    assert config_fingerprint(QfluxConfig()) == "6453918e3bb0bf73"
+    qwen = {"trainer": "qwen-edit", "model": {"lora": {"rank": 4, "targets": ["to_q"]}}, "data": {"resolution": [512, 512]}}
+    assert config_fingerprint(QfluxConfig.model_validate(qwen)) == "9cf069860435c082"
+    dora = QfluxConfig.model_validate({"model": {"lora": {"dora": True}}})
+    assert config_fingerprint(dora) != "6453918e3bb0bf73"
+    assert differing_keys(QfluxConfig(), dora) == ["model.lora.dora: False -> True"]

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_fork_server import run_qflux_process
 
 from qflux.config import load_config
 from qflux.errors import UserError
@@ -25,8 +25,7 @@ from qflux.training import run_folder
 
 def qflux_train(config: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "QFLUX_LOAD_PLUGINS": "kontext", "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "qflux", "train", "--config", str(config), *extra],
-                          capture_output=True, text=True, timeout=400, env=env)
+    return run_qflux_process(["train", "--config", config, *extra], Path.cwd(), env, timeout=400)
 
 
 def digest(folder: Path) -> dict[str, str]:

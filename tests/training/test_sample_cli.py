@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
+from cli_fork_server import run_qflux_process
 from PIL import Image
 
 from qflux.adapters.lora_files import attach_lora, export_lora
@@ -30,9 +31,8 @@ def make_lora(tmp_path, config) -> str:
 
 
 def run_sample(config_path, out, *extra):
-    return subprocess.run([sys.executable, "-m", "qflux", "sample", "--config", str(config_path), "--prompt",
-                           "make the red square blue", "--out", str(out), "--steps", "2", "--seed", "3", *extra],
-                          capture_output=True, text=True, timeout=300)
+    return run_qflux_process(["sample", "--config", config_path, "--prompt", "make the red square blue", "--out", out,
+                              "--steps", "2", "--seed", "3", *extra], Path.cwd(), dict(os.environ), timeout=300)
 
 
 def test_sample_with_lora_writes_image_of_control_size(tmp_path):

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_fork_server import run_qflux_process
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -83,8 +82,7 @@ def test_klein_folder_with_two_references_trains_from_the_cli_and_loads_in_diffu
                          validation={"every": 4, "steps": 2, "samples": [{"prompt": "make it red", "control": [str(data / "control_images" / "s0.png"), str(data / "control_images" / "s0_control_1.png")]}]})
     path = write_config(tmp_path / "klein.yaml", config)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "qflux", "train", "--trainer", "flux2-klein", "--config", str(path)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = run_qflux_process(["train", "--trainer", "flux2-klein", "--config", path], Path.cwd(), env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     lora_file = run / "pytorch_lora_weights.safetensors"

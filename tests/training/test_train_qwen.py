@@ -248,9 +248,9 @@ class SampleSpy:
     def __init__(self) -> None:
         self.requests: list[SampleRequest] = []
 
-    def sample(self, inner, bundle, request):
+    def sample(self, inner, bundle, request, **encoded):
         self.requests.append(request)
-        image = inner(bundle, request)
+        image = inner(bundle, request, **encoded)
         assert image is not None
         return image
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_fork_server import run_qflux_process
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -72,8 +72,7 @@ def config_dict(tmp: Path, pretrained: str, folder: Path, **sections) -> dict:
 
 
 def run_qflux(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qflux", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_qflux_process(list(args), Path.cwd(), {**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
 def test_user_folder_trains_from_the_cli_and_the_lora_loads_in_diffusers(tmp_path):

@@ -2,6 +2,6 @@
 
 from qflux.hookspecs import hookimpl
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = ["__version__", "hookimpl"]

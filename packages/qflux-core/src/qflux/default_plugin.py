@@ -1,5 +1,5 @@
-"""The core's own hook implementations, registered before any plugin: the default loss and the ``lora``
-adapter."""
+"""The core's own hook implementations, registered before any plugin: the default loss and the ``lora``,
+``lokr`` and ``loha`` adapters."""
 
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ if TYPE_CHECKING:  # pragma: no cover
 @hookimpl
 def qflux_register_adapters(register: Callable[[Adapter], None]) -> None:
     from qflux.adapters.lora import LoraAdapter
+    from qflux.adapters.lycoris import LohaAdapter, LokrAdapter
 
     register(LoraAdapter())
+    register(LokrAdapter())
+    register(LohaAdapter())
 
 
 @hookimpl(trylast=True)

@@ -1,6 +1,7 @@
-"""What the run callbacks (``qflux_on_step``, ``qflux_on_validation``, ``qflux_on_checkpoint``,
-``qflux_on_export``) receive: one frozen record per event, so a callback can be added a field without
-breaking the plugins that implement it."""
+"""What the run callbacks (``qflux_on_start``, ``qflux_on_step``, ``qflux_on_validation``,
+``qflux_on_checkpoint``, ``qflux_on_export``) and the hooks that let a callback take part in the run
+(``qflux_eval_weights``, ``qflux_checkpoint_files``) receive: one frozen record per event, so a callback can be
+added a field without breaking the plugins that implement it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,28 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from qflux.adapters.base import Adapter
     from qflux.config.schema import QfluxConfig
+
+
+@dataclass(frozen=True)
+class StartEvent:
+    step: int  # optimizer steps done: 0, or the step of the checkpoint resumed from
+    checkpoint: Path | None  # the checkpoint folder resumed from (None: a fresh run)
+    transformer: torch.nn.Module  # unwrapped, the adapter attached (and the checkpoint's state loaded)
+    adapter: Adapter
+    params: list[torch.nn.Parameter]  # the adapter's trainable parameters, in the optimizer's order
+    config: QfluxConfig
+    is_main: bool
+
+
+@dataclass(frozen=True)
+class EvalEvent:
+    step: int
+    purpose: str  # "validation" (held-out loss, images, the best/ export) or "export" (the final adapter file)
+    transformer: torch.nn.Module  # unwrapped, the adapter attached
+    adapter: Adapter
+    params: list[torch.nn.Parameter]  # holding the trained weights (schedule-free: its evaluation weights)
+    config: QfluxConfig
+    is_main: bool
 
 
 @dataclass(frozen=True)

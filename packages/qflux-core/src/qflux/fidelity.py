@@ -1,5 +1,6 @@
 """Edit-fidelity measurements between two images of one scene: global shift, zoom, the PSNR of the region the
-edit should leave alone and the change inside the region it should edit. Pure numpy / torch, no model.
+edit should leave alone, the change inside the region it should edit and how much of that region took the
+target's colour (``edit_score``). Pure numpy / torch, no model.
 
 The defect these catch is the commonest complaint about edit LoRAs: "the output is shifted / zoomed". A LoRA
 trained on misaligned pairs learns the misalignment, and a loss curve never shows it; these numbers do.
@@ -26,6 +27,9 @@ ZOOM_RANGE = (0.83, 1.2)
 ZOOM_COARSE_STEP = 0.02  # in log-zoom; the peak of the match score is a few steps wide, so this cannot miss it
 PSNR_CAP = 100.0  # dB for identical regions (infinity is not JSON)
 AGREE_TOLERANCE = 0.04  # control and target "agree" where no channel differs by more (~10/255: JPEG noise)
+# ``edit_score``: a sample pixel has the target's colour when no channel differs by more (~38/255: far below the
+# distance between any two builtin:shapes colours, above a small VAE's error inside a flat shape)
+EDIT_TOLERANCE = 0.15
 # Below this correlation peak the images share no structure: no alignment is reported. Unrelated textured
 # images still reach 0.1-0.3 (the zoom search takes the best of many tries), aligned copies 0.6-1.0: the peak is
 # reported with the alignment, and a shift read off a low peak means little.
@@ -317,6 +321,21 @@ def mean_change(a: Any, b: Any, region: np.ndarray) -> float | None:
     x = _resized_rgb(a, (y.shape[1], y.shape[0]))
     channels = min(x.shape[2], y.shape[2])
     return float(np.abs(x[..., :channels] - y[..., :channels])[region].mean())
+
+
+def edit_score(target: Any, sample: Any, region: np.ndarray, tolerance: float = EDIT_TOLERANCE) -> float | None:
+    """The fraction (0..1) of the pixels inside ``region`` (the edited region, True = edited) where ``sample``
+    has the target's colour: no channel further than ``tolerance`` from ``target`` (both at ``sample``'s size).
+    For a recolour of a flat shape (``builtin:shapes``): the share of the shape's pixels that took the new
+    colour; for a move: the share of the old and new places that show the background / the shape. None for an
+    empty region."""
+    if not region.any():
+        return None
+    y = as_array(sample)
+    x = _resized_rgb(target, (y.shape[1], y.shape[0]))
+    channels = min(x.shape[2], y.shape[2])
+    close = np.abs(x[..., :channels] - y[..., :channels]).max(axis=2) <= tolerance
+    return float(close[region].mean())
 
 
 def same_aspect(a: tuple[int, int], b: tuple[int, int], tolerance: float = 0.02) -> bool:

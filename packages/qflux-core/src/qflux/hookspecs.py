@@ -15,9 +15,11 @@ Order of calls in one ``qflux train`` run (the exact, tested order: docs/plugins
     preflight: Adapter.check, Trainer.check, Quantizer.check
     start: Trainer.shift_rule / scheduler_config (resolution_shift only)
     encode: Trainer.load_encoders, Trainer.encode (samples missing from the cache)
-    models: Trainer.load_transformer -> Quantizer.quantize -> Adapter.attach
+    models: Trainer.load_transformer -> Quantizer.quantize -> Adapter.attach (-> Adapter.load_state) -> qflux_on_start
     per step: Trainer.predict -> qflux_loss -> (optimizer step) -> qflux_on_step
-    per validation: qflux_on_validation;  per checkpoint: qflux_on_checkpoint;  at the end: qflux_on_export
+    per validation: qflux_eval_weights -> (held-out loss, images) -> qflux_on_validation
+    per checkpoint: qflux_checkpoint_files -> (written) -> qflux_on_checkpoint
+    at the end: qflux_eval_weights -> (export) -> qflux_on_export
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from qflux.adapters.base import Adapter
     from qflux.config.schema import LossConfig
-    from qflux.events import CheckpointEvent, ExportEvent, StepEvent, ValidationEvent
+    from qflux.events import CheckpointEvent, EvalEvent, ExportEvent, StartEvent, StepEvent, ValidationEvent
     from qflux.quantizer import Quantizer
     from qflux.trainer import Trainer
     from qflux.types import Batch, NoisyInput
@@ -94,6 +96,54 @@ def qflux_register_adapters(register: Callable[[Adapter], None]) -> None:
         register: call it once per ``Adapter`` instance (``qflux.adapters.base``); names must be unique.
 
     Called once, when the plugin manager is built. Returns nothing. The core registers ``lora`` itself.
+    """
+
+
+@hookspec
+def qflux_on_start(event: StartEvent) -> None:
+    """A run callback: the run is ready to train (models, adapter, optimizer; a resumed run's state loaded).
+
+    Args:
+        event: the step it starts from, the checkpoint folder resumed from (None for a fresh run), the
+            (unwrapped) transformer, the adapter and its trainable parameters, the config, whether this process
+            is the main one.
+
+    Called on every process once per ``train`` call that trains or exports, after the run folder exists and
+    before the first validation, every plugin in turn (1:N). Returns nothing. A callback that keeps state
+    across a resume reads it back here from the files it added to the checkpoint (``qflux_checkpoint_files``).
+    """
+
+
+@hookspec(firstresult=True)
+def qflux_eval_weights(event: EvalEvent) -> list[torch.Tensor] | None:
+    """Weights to evaluate the adapter with instead of the trained ones (an average of them, for example).
+
+    Args:
+        event: the step, the ``purpose`` (``"validation"``: the held-out loss, the validation images and the
+            ``best/`` export; ``"export"``: the final adapter file), the (unwrapped) transformer, the adapter,
+            its trainable parameters (holding the weights that would be evaluated), the config, ``is_main``.
+
+    Returns:
+        One tensor per ``event.params`` (same shapes), or None to evaluate the trained weights. The first
+        plugin that returns tensors decides. The core copies them into the parameters for the evaluation and
+        puts the trained values back, bit for bit, after it.
+    Called before each held-out loss and each round of validation images (every process) and before each
+    export (the main process, which writes it).
+    """
+
+
+@hookspec
+def qflux_checkpoint_files(event: CheckpointEvent) -> dict[str, bytes] | None:
+    """Files a run callback adds to a checkpoint (its state, so that a resumed run continues it).
+
+    Args:
+        event: the step and the checkpoint folder about to be written, the config.
+
+    Returns:
+        ``{file name: contents}`` (or None): written into the checkpoint with the core's files, atomically and
+        listed in its manifest (so verified on resume). A name the core or another plugin uses is an error.
+    Called on the main process (the one that writes) before each checkpoint is written, every plugin in turn
+    (1:N, the dicts merged).
     """
 
 

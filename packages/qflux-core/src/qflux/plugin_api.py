@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from qflux.adapters.base import STATE_DIGEST, Adapter, state_digest
 from qflux.errors import ConfigError, DataError, PluginError, UserError
-from qflux.events import CheckpointEvent, ExportEvent, StepEvent, ValidationEvent
+from qflux.events import CheckpointEvent, EvalEvent, ExportEvent, StartEvent, StepEvent, ValidationEvent
 from qflux.hookspecs import hookimpl
 from qflux.model_source import TINY_ID, ModelSource, is_tiny, resolve_source, torch_dtype
 from qflux.modeling import (
@@ -97,10 +97,12 @@ __all__ = [
     "ModelConfig",
     "QfluxConfig",
     # run callbacks (qflux_on_step, ...)
+    "StartEvent",
     "StepEvent",
     "ValidationEvent",
     "CheckpointEvent",
     "ExportEvent",
+    "EvalEvent",
     # errors
     "UserError",
     "ConfigError",

@@ -155,6 +155,7 @@ def _distribution_of(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
 def build_registry(extra_plugins: list[tuple[str, object]] = (), load_entry_points: bool = True) -> Registry:
     """Build the plugin manager from entry points (plus ``extra_plugins`` as ``(name, plugin)``, for tests)."""
     from qflux import default_plugin
+    from qflux.training.ema import EmaCallback
 
     pm = pluggy.PluginManager("qflux")
     pm.add_hookspecs(hookspecs)
@@ -187,6 +188,9 @@ def build_registry(extra_plugins: list[tuple[str, object]] = (), load_entry_poin
 
     # the core's own implementations (the default loss, the lora adapter) first, so plugins may replace them
     loaded.insert(0, (default_plugin, PluginRecord("qflux.default", "qflux-core", __version__)))
+    # train.ema, the core's own run callback: an object per registry, so its state is the registry's run's
+    ema = EmaCallback()
+    loaded.insert(1, (ema, PluginRecord("qflux.ema", "qflux-core", __version__)))
 
     trainers: dict[str, Trainer] = {}
     quantizers: dict[str, Quantizer] = {}
@@ -219,7 +223,7 @@ def build_registry(extra_plugins: list[tuple[str, object]] = (), load_entry_poin
                 _claim(obj.name, kind, record.package, provider, registered)
                 registered[obj.name] = obj
                 names.append(obj.name)
-        if plugin is not default_plugin:
+        if plugin is not default_plugin and plugin is not ema:
             records.append(record)
 
     return Registry(pm, records, broken, trainers, quantizers, provider, allow, adapters)

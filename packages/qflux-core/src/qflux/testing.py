@@ -69,7 +69,8 @@ def wrap_trainer(registry: Any, name: str, **around: Any) -> Any:
     return wrapped
 
 
-STAGES = ("load_transformer", "load_encoders", "encode", "scheduler_config", "predict", "sample")
+STAGES = ("load_transformer", "load_encoders", "encode", "scheduler_config", "predict", "encode_request", "decoder",
+          "sample")
 
 
 def spied_registry(*spies: Any, trainer: str | None = None, **build: Any) -> Any:

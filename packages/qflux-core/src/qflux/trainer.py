@@ -14,9 +14,16 @@ in docs/plugins.md, "Call order")::
     shift_rule(model), scheduler_config(model) once, at the start, for ``timestep_sampling: resolution_shift``
     load_encoders(model)                       only when something must be encoded or sampled
     encode(encoders, samples, model, ...)      per chunk of samples missing from the embedding cache
+    encode_request(encoders, request, model)   each validation image's prompts and controls (optional stage)
+    decoder(encoders, tiling)                  what sampling keeps of the encoders (the VAE); the rest is freed
     load_transformer(model)                    then quantized (Quantizer), then the adapter is attached
     predict(transformer, batch, noisy, model)  every step and for the validation loss
-    sample(bundle, request)                    validation images and ``qflux sample``
+    sample(bundle, request, encoded)           validation images and ``qflux sample``
+
+Encoders never sit beside the transformer: a trainer that implements ``encode_request`` has every validation
+request (and ``qflux sample``'s) encoded before the transformer loads; the text encoders are then freed and
+``sample`` gets the encoding back (``encoded``) with ``bundle.encoders`` = ``decoder(...)``. A trainer without
+``encode_request`` keeps the older contract: ``sample`` encodes the raw request with the whole encoders.
 """
 
 from __future__ import annotations
@@ -131,11 +138,46 @@ class Trainer:
         control tokens and the prompt."""
         raise self._unsupported("predict")
 
-    def sample(self, bundle: ModelBundle, request: SampleRequest) -> Image:
+    def encode_request(self, encoders: Any, request: SampleRequest, model: ModelConfig) -> Any:
+        """The encoder half of ``sample``, run before the transformer is loaded: everything ``request`` needs
+        from the text encoders and the VAE encoder (prompt and negative-prompt embeddings, control latents), as
+        an object of the trainer's own whose tensors are on CPU; ``sample`` takes it back as ``encoded``.
+        Optional: a trainer without it gets the whole encoders in ``sample`` and the raw request."""
+        raise Unsupported(f"trainer '{self.name}' cannot encode a sample request ahead of sampling (its plugin "
+                          f"does not implement Trainer.encode_request)")
+
+    def decoder(self, encoders: Any, tiling: bool) -> Any:
+        """What ``sample`` needs of ``encoders`` once every request is encoded (``encode_request``): the VAE
+        decoder and the scheduler config, never the text encoders, so that they can be freed before the
+        transformer loads; ``sample`` gets it as ``bundle.encoders``. ``tiling`` (``validation.vae_tiling``):
+        the VAE decodes in tiles and slices where it can. Default: ``encoders`` itself, with
+        ``enable_tiling``/``enable_slicing`` called on its ``vae`` when asked (``vae_tiling``)."""
+        if tiling:
+            vae_tiling(getattr(encoders, "vae", None))
+        return encoders
+
+    def sample(self, bundle: ModelBundle, request: SampleRequest, encoded: Any = None) -> Image:
         """One image from the trainer's diffusers pipeline with the current transformer; the pipeline uses a
-        scheduler instance of its own, never the training one."""
+        scheduler instance of its own, never the training one. ``encoded``: what ``encode_request`` returned
+        for ``request`` (then ``bundle.encoders`` is what ``decoder`` returned); None: encode ``request`` here
+        with ``bundle.encoders`` (a trainer without ``encode_request`` is only ever called so)."""
         raise self._unsupported("sample")
 
     def _unsupported(self, stage: str) -> Unsupported:
         return Unsupported(f"trainer '{self.name}' cannot {CAPABILITIES[stage]} (its plugin does not implement "
                            f"Trainer.{stage})")
+
+
+def vae_tiling(vae: Any) -> bool:
+    """Turn on tiled and sliced decoding of a diffusers VAE (``enable_tiling`` / ``enable_slicing``) where the
+    model has them; returns whether tiling was turned on (False: ``vae`` is None or cannot tile)."""
+    tiled = False
+    for name in ("enable_tiling", "enable_slicing"):
+        method = getattr(vae, name, None)
+        if callable(method):
+            try:
+                method()
+            except (NotImplementedError, ValueError):  # a VAE class that declares but cannot do it
+                continue
+            tiled = tiled or name == "enable_tiling"
+    return tiled

@@ -34,7 +34,8 @@ class Flux2Encoders:
 
     @property
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"vae": self.vae, "text_encoder": self.text_encoder}
+        """The loaded modules (``Trainer.decoder``'s copy has no text encoder: the VAE only)."""
+        return {name: m for name, m in (("vae", self.vae), ("text_encoder", self.text_encoder)) if m is not None}
 
     @property
     def device(self) -> torch.device:

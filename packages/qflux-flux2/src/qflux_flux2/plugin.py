@@ -77,10 +77,20 @@ class Flux2Trainer(Trainer):
 
         return predict(self.variant, transformer, batch, noisy, self.options(model).guidance)
 
-    def sample(self, bundle: ModelBundle, request: SampleRequest) -> Image:
+    def encode_request(self, encoders: Any, request: SampleRequest, model: ModelConfig) -> Any:
+        from qflux_flux2.sampling import encode_request
+
+        return encode_request(self.variant, encoders, request, model)
+
+    def decoder(self, encoders: Any, tiling: bool) -> Any:
+        from qflux_flux2.sampling import decoder
+
+        return super().decoder(decoder(encoders), tiling)
+
+    def sample(self, bundle: ModelBundle, request: SampleRequest, encoded: Any = None) -> Image:
         from qflux_flux2.sampling import sample
 
-        return sample(self.variant, bundle, request)
+        return sample(self.variant, bundle, request, encoded)
 
 
 TRAINERS: dict[str, Flux2Trainer] = {name: Flux2Trainer(variant) for name, variant in VARIANTS.items()}

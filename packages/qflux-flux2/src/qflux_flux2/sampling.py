@@ -17,10 +17,16 @@ Guidance, as the pipelines do it:
 
 Latents stay float32 between steps; noise comes from a CPU generator seeded with ``request.seed``, so an image
 depends on the seed only, whatever the device. The output has the requested size, sides floored to 16.
+
+Encoders never beside the transformer: ``encode_request`` (``Trainer.encode_request``) runs the encoder half
+before the transformer loads (the prompt and, when CFG is on, the negative prompt; each reference through the
+VAE encoder), ``decoder`` keeps the VAE and the scheduler config only, and ``sample(..., encoded=...)`` denoises
+and decodes from them. A raw request is encoded first with the whole encoders, so both ways give the same image.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,8 +40,19 @@ from qflux_flux2.variants import MULTIPLE, Flux2Variant
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
-    from qflux.plugin_api import ModelBundle, SampleRequest
+    from qflux.plugin_api import Grid, ModelBundle, ModelConfig, SampleRequest
     from qflux_flux2.encoders import Flux2Encoders
+
+
+@dataclass
+class Flux2Encoded:
+    """``encode_request``'s result, tensors on CPU: the prompt embeddings [1, L, 3D], the negative prompt's when
+    CFG is on (``cfg_scale`` > 1), each reference's packed normalised latents [1, N, 128] and grid."""
+
+    prompt: torch.Tensor
+    negative: torch.Tensor | None = None
+    references: list[torch.Tensor] = field(default_factory=list)
+    reference_grids: list[Grid] = field(default_factory=list)
 
 
 def _size(variant: Flux2Variant, request: SampleRequest) -> tuple[int, int]:
@@ -84,37 +101,72 @@ def decode(pipe: Any, latents: torch.Tensor, latent_ids: torch.Tensor) -> Image:
 
 def cfg_scale(variant: Flux2Variant, bundle: ModelBundle, request: SampleRequest, guidance: float) -> float:
     """The true-CFG scale of this request (1.0: off), see the module docstring."""
+    return _cfg_scale(variant, bundle.model, request, guidance)
+
+
+def _cfg_scale(variant: Flux2Variant, model: ModelConfig, request: SampleRequest, guidance: float) -> float:
     if variant.guidance_embeds:
         return request.true_cfg
     from qflux_flux2.loading import model_index
 
-    return 1.0 if model_index(bundle.model).get("is_distilled", False) else guidance
+    return 1.0 if model_index(model).get("is_distilled", False) else guidance
+
+
+def _guidance(model: ModelConfig, request: SampleRequest) -> float:
+    return Flux2Options.model_validate(model.options).sample_guidance if request.guidance is None \
+        else float(request.guidance)
 
 
 @torch.no_grad()
-def sample(variant: Flux2Variant, bundle: ModelBundle, request: SampleRequest) -> Image:
+def encode_request(variant: Flux2Variant, encoders: Flux2Encoders, request: SampleRequest,
+                   model: ModelConfig) -> Flux2Encoded:
+    """``Trainer.encode_request``: the prompt (and the negative prompt when CFG is on) and the references,
+    encoded as ``sample`` encodes them, moved to the CPU."""
+    _size(variant, request)
+    pipe = encoders.pipeline()
+    length = sequence_length(model)
+    scale = _cfg_scale(variant, model, request, _guidance(model, request))
+    encoded = Flux2Encoded(encode_prompt(variant, encoders, request.prompt, length, pipe).cpu())
+    if scale > 1:
+        encoded.negative = encode_prompt(variant, encoders, request.negative_prompt, length, pipe).cpu()
+    for control in request.controls:
+        packed, grid = encode_pixels(encoders, reference_pixels(pipe, control), pipe)
+        encoded.references.append(packed.cpu())
+        encoded.reference_grids.append(grid)
+    return encoded
+
+
+def decoder(encoders: Flux2Encoders) -> Flux2Encoders:
+    """``Trainer.decoder``: the VAE and the scheduler config, without the text encoder and tokenizer."""
+    return replace(encoders, text_encoder=None, tokenizer=None)
+
+
+@torch.no_grad()
+def sample(variant: Flux2Variant, bundle: ModelBundle, request: SampleRequest,
+           encoded: Flux2Encoded | None = None) -> Image:
+    """``Trainer.sample``. ``encoded``: ``encode_request``'s (``bundle.encoders`` may then be ``decoder``'s);
+    None: the request is encoded here with the encoders (loaded when the bundle has none)."""
     height, width = _size(variant, request)
-    options = Flux2Options.model_validate(bundle.model.options)
-    guidance = options.sample_guidance if request.guidance is None else float(request.guidance)
+    guidance = _guidance(bundle.model, request)
     encoders = _encoders(variant, bundle)
+    if encoded is None:
+        encoded = encode_request(variant, encoders, request, bundle.model)
     transformer = bundle.transformer
     device = device_of(transformer)
     from qflux_flux2.loading import fresh_scheduler
 
     scheduler = fresh_scheduler(encoders.scheduler_config)
     pipe = encoders.pipeline(transformer=unwrap(transformer), scheduler=scheduler)
-    length = sequence_length(bundle.model)
     scale = cfg_scale(variant, bundle, request, guidance)
+    if scale > 1 and encoded.negative is None:
+        raise ValueError("the request was encoded without its negative prompt (CFG was off then)")
     embedded = guidance if variant.guidance_embeds else None
 
     with eval_mode(transformer):
-        prompt = encode_prompt(variant, encoders, request.prompt, length, pipe).to(device)
-        negative = encode_prompt(variant, encoders, request.negative_prompt, length, pipe).to(device) if scale > 1 else None
-        references, reference_grids = [], []
-        for control in request.controls:
-            packed, grid = encode_pixels(encoders, reference_pixels(pipe, control), pipe)
-            references.append(packed.to(device))
-            reference_grids.append(grid)
+        prompt = encoded.prompt.to(device)
+        negative = encoded.negative.to(device) if scale > 1 else None
+        references = [packed.to(device) for packed in encoded.references]
+        reference_grids = list(encoded.reference_grids)
 
         generator = torch.Generator("cpu").manual_seed(int(request.seed))
         channels = unwrap(transformer).config.in_channels // 4

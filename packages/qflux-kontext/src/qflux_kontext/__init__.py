@@ -11,6 +11,10 @@ transformers are imported inside the hook bodies. The heavy modules, one job eac
 - ``packing``: 2x2 packing of latents and the ``(index, row, col)`` image ids
 - ``predict``: the transformer forward of one training step
 - ``sampling``: validation / inference images through ``FluxKontextPipeline``
+
+``shapes_base/`` (package data) is ``builtin:shapes-base``: a diffusers folder of a tiny FLUX.1 Kontext pretrained
+on ``builtin:shapes`` by ``scripts/build_shapes_base.py`` (deterministic; float16 safetensors, ~2.3 MB). The
+core's ``qflux.model_source`` reads the name as this folder, so it loads through ``loading`` like any folder.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

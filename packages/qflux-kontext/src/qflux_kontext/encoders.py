@@ -34,7 +34,9 @@ class KontextEncoders:
 
     @property
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        """The loaded modules (``Trainer.decoder``'s copy has no text encoders: the VAE only)."""
+        found = {"vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {name: module for name, module in found.items() if module is not None}
 
     @property
     def vae_factor(self) -> int:

@@ -74,10 +74,20 @@ class KontextTrainer(Trainer):
 
         return predict(transformer, batch, noisy, self.options(model).guidance)
 
-    def sample(self, bundle: ModelBundle, request: SampleRequest) -> Image:
+    def encode_request(self, encoders: Any, request: SampleRequest, model: ModelConfig) -> Any:
+        from qflux_kontext.sampling import encode_request
+
+        return encode_request(encoders, request, model)
+
+    def decoder(self, encoders: Any, tiling: bool) -> Any:
+        from qflux_kontext.sampling import decoder
+
+        return super().decoder(decoder(encoders), tiling)
+
+    def sample(self, bundle: ModelBundle, request: SampleRequest, encoded: Any = None) -> Image:
         from qflux_kontext.sampling import sample
 
-        return sample(bundle, request)  # request.guidance None: model.options.sample_guidance
+        return sample(bundle, request, encoded=encoded)  # request.guidance None: model.options.sample_guidance
 
 
 TRAINER = KontextTrainer()

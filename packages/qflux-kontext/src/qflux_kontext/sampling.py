@@ -15,14 +15,22 @@ matches training whatever ``data.control_resolution`` chose.
   reproduces the pipeline.
   It is also used when the transformer's dtype differs from the encoders' (the pipeline assumes one dtype).
 
-The encoders are moved to the transformer's device for the call and moved back after; the transformer is put
-in eval mode for the call and its train/eval mode restored after.
+Encoders never beside the transformer: ``encode_request`` (``Trainer.encode_request``) runs the encoder half
+before the transformer loads (CLIP + T5 embeddings of the prompt and, with true CFG, the negative prompt; each
+control through the VAE encoder, as the pipeline resizes and encodes it), ``decoder`` keeps the VAE and the
+scheduler config only, and ``sample(..., encoded=...)`` denoises and decodes from them (the pipeline gets
+``prompt_embeds`` and the controls' latents). A raw request is encoded first with the whole encoders, so both
+ways give the same image.
+
+The encoders (the decoder) are moved to the transformer's device for the call and moved back after; the
+transformer is put in eval mode for the call and its train/eval mode restored after.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,8 +43,21 @@ from qflux_kontext.predict import forward
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
-    from qflux.plugin_api import ModelBundle, SampleRequest
+    from qflux.plugin_api import ModelBundle, ModelConfig, SampleRequest
     from qflux_kontext.encoders import KontextEncoders
+
+
+@dataclass
+class KontextEncoded:
+    """``encode_request``'s result, tensors on CPU: T5 ``hidden`` [1, L, D] and CLIP ``pooled`` [1, P] in the text
+    encoders' dtype, the same for the negative prompt (true CFG only), and each control's normalised VAE latents
+    [1, C, h, w] (unpacked, in the VAE's dtype)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+    neg_hidden: torch.Tensor | None = None
+    neg_pooled: torch.Tensor | None = None
+    controls: list[torch.Tensor] = field(default_factory=list)
 
 
 def build_pipeline(transformer: torch.nn.Module, encoders: KontextEncoders):
@@ -77,7 +98,36 @@ def _control_size(image: Image, multiple: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def denoise(pipe, encoders: KontextEncoders, request: SampleRequest, max_sequence_length: int, guidance: float):
+def encode_request(encoders: KontextEncoders, request: SampleRequest, model: ModelConfig) -> KontextEncoded:
+    """``Trainer.encode_request``: the prompt (and, with ``true_cfg > 1``, the negative prompt) through CLIP + T5
+    and every control through the VAE encoder as the pipeline does it (floored to a multiple of 16, resized,
+    preprocessed, the mode of the latent distribution, normalised); tensors moved to the CPU."""
+    from diffusers import FluxKontextPipeline
+
+    msl = sequence_length(encoders, model)
+    hidden, pooled = encode_prompts(encoders, [request.prompt], msl)
+    encoded = KontextEncoded(hidden.cpu(), pooled.cpu())
+    if request.true_cfg > 1:
+        neg_hidden, neg_pooled = encode_prompts(encoders, [request.negative_prompt], msl)
+        encoded.neg_hidden, encoded.neg_pooled = neg_hidden.cpu(), neg_pooled.cpu()
+    if request.controls:  # the pipeline's image processor and VAE path, without a transformer
+        pipe = FluxKontextPipeline(scheduler=None, vae=encoders.vae, text_encoder=None, tokenizer=None,
+                                   text_encoder_2=None, tokenizer_2=None, transformer=None)
+        vae, multiple = encoders.vae, pipe.vae_scale_factor * 2
+        for image in request.controls:
+            h, w = _control_size(image, multiple)
+            pixels = pipe.image_processor.preprocess(pipe.image_processor.resize(image, h, w), h, w)
+            encoded.controls.append(pipe._encode_vae_image(pixels.to(device_of(vae), vae.dtype), None).cpu())
+    return encoded
+
+
+def decoder(encoders: KontextEncoders) -> KontextEncoders:
+    """``Trainer.decoder``: the VAE and the scheduler config, without the text encoders and tokenizers."""
+    return replace(encoders, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+
+
+@torch.no_grad()
+def denoise(pipe, encoded: KontextEncoded, request: SampleRequest, guidance: float):
     """The pipeline's denoising loop for any number of controls (see the module docstring)."""
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -85,25 +135,17 @@ def denoise(pipe, encoders: KontextEncoders, request: SampleRequest, max_sequenc
     device, dtype = device_of(transformer), compute_dtype(transformer)
     generator = torch.Generator("cpu").manual_seed(request.seed)
     factor = pipe.vae_scale_factor
-    multiple = factor * 2
 
-    def prompt(text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, pooled = encode_prompts(encoders, [text], max_sequence_length)
-        return hidden.to(device, dtype), pooled.to(device, dtype)
-
-    hidden, pooled = prompt(request.prompt)
+    hidden, pooled = encoded.hidden.to(device, dtype), encoded.pooled.to(device, dtype)
     cfg = request.true_cfg > 1
     if cfg:
-        neg_hidden, neg_pooled = prompt(request.negative_prompt)
+        neg_hidden, neg_pooled = encoded.neg_hidden.to(device, dtype), encoded.neg_pooled.to(device, dtype)
 
-    vae = encoders.vae
+    vae = pipe.vae
     controls, control_grids = [], []
-    for image in request.controls:
-        h, w = _control_size(image, multiple)
-        pixels = pipe.image_processor.preprocess(pipe.image_processor.resize(image, h, w), h, w)
-        z = pipe._encode_vae_image(pixels.to(device_of(vae), vae.dtype), generator)
+    for z in encoded.controls:
         controls.append(pack_latents(z).to(device, dtype))
-        control_grids.append(token_grid(h, w, factor))
+        control_grids.append((z.shape[2] // 2, z.shape[3] // 2))
 
     grid = token_grid(request.height, request.width, factor)
     channels = pipe.transformer.config.in_channels // 4
@@ -126,11 +168,11 @@ def denoise(pipe, encoders: KontextEncoders, request: SampleRequest, max_sequenc
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
-def sample(bundle: ModelBundle, request: SampleRequest, loop: bool | None = None) -> Image:
+def sample(bundle: ModelBundle, request: SampleRequest, loop: bool | None = None,
+           encoded: KontextEncoded | None = None) -> Image:
     """``Trainer.sample``. ``loop``: force (True) or forbid (False) ``denoise``; None chooses (module docstring).
-    ``request.guidance`` None: the trainer's ``model.options.sample_guidance``."""
-    from dataclasses import replace
-
+    ``request.guidance`` None: the trainer's ``model.options.sample_guidance``. ``encoded``: ``encode_request``'s
+    (``bundle.encoders`` may then be ``decoder``'s); None: the request is encoded here with the encoders."""
     from qflux_kontext.options import KontextOptions
 
     encoders = bundle.encoders
@@ -140,22 +182,28 @@ def sample(bundle: ModelBundle, request: SampleRequest, loop: bool | None = None
         request = replace(request, guidance=KontextOptions.model_validate(bundle.model.options).sample_guidance)
     if request.height % 16 or request.width % 16 or request.height < 16 or request.width < 16:
         raise UserError(f"sample size {request.width}x{request.height}: sides must be multiples of 16")
+    if request.true_cfg > 1 and encoded is not None and encoded.neg_hidden is None:
+        raise ValueError("the request was encoded without its negative prompt (true_cfg <= 1 then)")
     transformer = bundle.transformer
-    msl = sequence_length(encoders, bundle.model)
-    if loop is None:
-        dtypes = {compute_dtype(transformer), encoders.vae.dtype, encoders.text_encoder_2.dtype}
-        loop = len(request.controls) > 1 or len(dtypes) > 1
-    if not loop and len(request.controls) > 1:
-        raise ValueError("FluxKontextPipeline takes one control image; use loop=True")
     with _prepared(transformer, encoders):
+        if encoded is None:
+            encoded = encode_request(encoders, request, bundle.model)
+        if loop is None:
+            dtypes = {compute_dtype(transformer), encoders.vae.dtype, encoded.hidden.dtype}
+            loop = len(encoded.controls) > 1 or len(dtypes) > 1
+        if not loop and len(encoded.controls) > 1:
+            raise ValueError("FluxKontextPipeline takes one control image; use loop=True")
         pipe = build_pipeline(transformer, encoders)
         if loop:
-            return denoise(pipe, encoders, request, msl, request.guidance)
+            return denoise(pipe, encoded, request, request.guidance)
+        device = device_of(transformer)
         cfg = request.true_cfg > 1
         return pipe(
-            image=request.controls[0] if request.controls else None,
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt if cfg else None,
+            image=encoded.controls[0].to(device) if encoded.controls else None,
+            prompt_embeds=encoded.hidden.to(device),
+            pooled_prompt_embeds=encoded.pooled.to(device),
+            negative_prompt_embeds=encoded.neg_hidden.to(device) if cfg else None,
+            negative_pooled_prompt_embeds=encoded.neg_pooled.to(device) if cfg else None,
             true_cfg_scale=request.true_cfg,
             height=request.height,
             width=request.width,
@@ -164,5 +212,4 @@ def sample(bundle: ModelBundle, request: SampleRequest, loop: bool | None = None
             num_inference_steps=request.steps,
             guidance_scale=request.guidance,
             generator=torch.Generator("cpu").manual_seed(request.seed),
-            max_sequence_length=msl,
         ).images[0]

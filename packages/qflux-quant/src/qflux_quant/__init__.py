@@ -4,4 +4,4 @@ Importing this package (or its ``plugin`` entry point) imports neither torch nor
 load on first use (``qflux_quant.quantize``).
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 _LAZY = {
     "build_tiny_pipeline": "qflux_qwen.tiny",

@@ -64,10 +64,20 @@ class QwenTrainer(Trainer):
 
         return predict(self.variant, transformer, batch, noisy)
 
-    def sample(self, bundle: ModelBundle, request: SampleRequest) -> Image:
+    def encode_request(self, encoders: Any, request: SampleRequest, model: ModelConfig) -> Any:
+        from qflux_qwen.sampling import encode_request
+
+        return encode_request(self.variant, encoders, request, model)
+
+    def decoder(self, encoders: Any, tiling: bool) -> Any:
+        from qflux_qwen.sampling import decoder
+
+        return super().decoder(decoder(encoders), tiling)
+
+    def sample(self, bundle: ModelBundle, request: SampleRequest, encoded: Any = None) -> Image:
         from qflux_qwen.sampling import sample
 
-        return sample(self.variant, bundle, request)
+        return sample(self.variant, bundle, request, encoded)
 
 
 TRAINERS: dict[str, Trainer] = {name: QwenTrainer(variant) for name, variant in VARIANTS.items()}

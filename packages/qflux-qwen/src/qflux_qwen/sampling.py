@@ -11,10 +11,17 @@ own rule (``TrainerInfo.condition_sizing``) unless the config chose cheaper size
 requested size (sides rounded down to multiples of 16, as the pipelines do). No control: text-to-image with the same system prompt.
 Latents stay float32 between steps; noise comes from a CPU generator seeded with ``request.seed``, so an
 image depends on the seed only, whatever the device.
+
+Encoders never beside the transformer: ``encode_request`` (``Trainer.encode_request``) runs the encoder half
+before the transformer loads (the prompt and, with true CFG, the negative prompt through Qwen2.5-VL with the
+controls; each control through the VAE encoder), ``decoder`` keeps the VAE and the scheduler config only, and
+``sample(..., encoded=...)`` denoises and decodes from them. A raw request is encoded first with the whole
+encoders, so both ways give the same image.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,8 +34,21 @@ from qflux_qwen.variants import QwenVariant
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
-    from qflux.plugin_api import ModelBundle, SampleRequest
+    from qflux.plugin_api import Grid, ModelBundle, ModelConfig, SampleRequest
     from qflux_qwen.encoders import QwenEncoders
+
+
+@dataclass
+class QwenEncoded:
+    """``encode_request``'s result, tensors on CPU: prompt ``hidden`` [1, L, D] and ``mask`` [1, L] (the
+    negative prompt's too, true CFG only), and each control's packed normalised latents [1, N, C] and grid."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    neg_hidden: torch.Tensor | None = None
+    neg_mask: torch.Tensor | None = None
+    controls: list[torch.Tensor] = field(default_factory=list)
+    control_grids: list[Grid] = field(default_factory=list)
 
 
 def _check(variant: QwenVariant, request: SampleRequest) -> tuple[int, int]:
@@ -77,33 +97,58 @@ def decode(pipe: Any, latents: torch.Tensor, height: int, width: int) -> Image:
 
 
 @torch.no_grad()
-def sample(variant: QwenVariant, bundle: ModelBundle, request: SampleRequest) -> Image:
+def encode_request(variant: QwenVariant, encoders: QwenEncoders, request: SampleRequest,
+                   model: ModelConfig) -> QwenEncoded:
+    """``Trainer.encode_request``: the prompts (with the controls and ``request.vl_controls``) and the controls,
+    encoded as ``sample`` encodes them, moved to the CPU."""
+    _check(variant, request)
+    pipe = encoders.pipeline(variant.pipeline_class_name)
+    pipelines = {variant.pipeline_class_name: pipe}
+    controls = [c.convert("RGB") for c in request.controls]
+    vl = [c.convert("RGB") for c in request.vl_controls]
+    max_len = model.max_sequence_length
+    hidden, mask = encode_prompt(variant, encoders, request.prompt, controls, max_len, pipelines, vl)
+    encoded = QwenEncoded(hidden.cpu(), mask.cpu())
+    if request.true_cfg > 1.0:
+        neg_hidden, neg_mask = encode_prompt(variant, encoders, request.negative_prompt, controls, max_len,
+                                             pipelines, vl)
+        encoded.neg_hidden, encoded.neg_mask = neg_hidden.cpu(), neg_mask.cpu()
+    for control in controls:
+        packed, grid = encode_image(encoders, control, pipe)
+        encoded.controls.append(packed.cpu())
+        encoded.control_grids.append(grid)
+    return encoded
+
+
+def decoder(encoders: QwenEncoders) -> QwenEncoders:
+    """``Trainer.decoder``: the VAE and the scheduler config, without the text encoder, tokenizer and processor."""
+    return replace(encoders, text_encoder=None, tokenizer=None, processor=None)
+
+
+@torch.no_grad()
+def sample(variant: QwenVariant, bundle: ModelBundle, request: SampleRequest,
+           encoded: QwenEncoded | None = None) -> Image:
+    """``Trainer.sample``. ``encoded``: ``encode_request``'s (``bundle.encoders`` may then be ``decoder``'s);
+    None: the request is encoded here with the encoders (loaded when the bundle has none)."""
     height, width = _check(variant, request)
     encoders = _encoders(variant, bundle)
     transformer = bundle.transformer
     check_zero_cond_t(variant, transformer)
+    if encoded is None:
+        encoded = encode_request(variant, encoders, request, bundle.model)
+    do_cfg = request.true_cfg > 1.0
+    if do_cfg and encoded.neg_hidden is None:
+        raise ValueError("the request was encoded without its negative prompt (true_cfg <= 1 then)")
     device = device_of(transformer)
     scheduler = fresh_scheduler(encoders.scheduler_config, request.steps)
     pipe = encoders.pipeline(variant.pipeline_class_name, transformer=unwrap(transformer), scheduler=scheduler)
-    max_len = bundle.model.max_sequence_length
-    pipelines = {variant.pipeline_class_name: pipe}
-    controls = [c.convert("RGB") for c in request.controls]
-    vl = [c.convert("RGB") for c in request.vl_controls]
 
     with eval_mode(transformer):
-        hidden, mask = encode_prompt(variant, encoders, request.prompt, controls, max_len, pipelines, vl)
-        do_cfg = request.true_cfg > 1.0
+        hidden, mask = encoded.hidden.to(device), encoded.mask.to(device)
         if do_cfg:
-            neg_hidden, neg_mask = encode_prompt(
-                variant, encoders, request.negative_prompt, controls, max_len, pipelines, vl
-            )
-            neg_hidden, neg_mask = neg_hidden.to(device), neg_mask.to(device)
-        hidden, mask = hidden.to(device), mask.to(device)
-        control_latents, control_grids = [], []
-        for control in controls:
-            packed, grid = encode_image(encoders, control, pipe)
-            control_latents.append(packed.to(device, torch.float32))
-            control_grids.append(grid)
+            neg_hidden, neg_mask = encoded.neg_hidden.to(device), encoded.neg_mask.to(device)
+        control_latents = [packed.to(device, torch.float32) for packed in encoded.controls]
+        control_grids = list(encoded.control_grids)
 
         generator = torch.Generator("cpu").manual_seed(int(request.seed))
         channels = unwrap(transformer).config.in_channels // 4

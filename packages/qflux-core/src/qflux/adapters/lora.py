@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from qflux.adapters.base import Adapter
 from qflux.config.schema import LoraConfig
+from qflux.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -16,13 +17,26 @@ if TYPE_CHECKING:  # pragma: no cover
     from qflux.trainer import Trainer
 
 
+# model.quantize values (qflux-quant) whose layers peft's DoRA fails on in the first training step (peft 0.21,
+# tiny Kontext): fp8 "Promotion for Float8 Types is not supported", int8 (Linear8bitLt) an AttributeError on None
+DORA_UNSUPPORTED_QUANTIZE = ("fp8", "int8")
+
+
 class LoraAdapter(Adapter):
     name = "lora"
-    description = "LoRA (peft), exported in diffusers format with alpha/rank baked in (loads in diffusers and ComfyUI)"
+    description = ("LoRA (peft; DoRA with model.lora.dora, rsLoRA scaling with model.lora.rslora), exported in "
+                   "diffusers format with its scale baked in (loads in diffusers and ComfyUI; a DoRA in diffusers)")
     Options = LoraConfig
 
     def options_of(self, model: ModelConfig) -> LoraConfig:
-        return model.lora  # validated with the rest of the config (``model.lora``)
+        """``model.lora`` (validated with the rest of the config); ``ConfigError`` for DoRA on a base whose weights
+        peft cannot read back to compute DoRA's weight norm (qflux-quant's ``fp8`` and ``int8``: a traceback in
+        the first step; the 4-bit ``nf4`` / ``fp4`` work)."""
+        if model.lora.dora and model.quantize in DORA_UNSUPPORTED_QUANTIZE:
+            raise ConfigError(f"model.lora.dora does not work with model.quantize: {model.quantize} (peft's DoRA "
+                              "cannot read those weights back); use model.quantize: nf4 or fp4, or null, or set "
+                              "model.lora.dora: false")
+        return model.lora
 
     def attach(self, transformer: torch.nn.Module, options: Any) -> list[torch.nn.Parameter]:
         from qflux.adapters.lora_files import attach_lora

@@ -37,6 +37,8 @@ def peft_config(lora: LoraConfig):
         target_modules=list(lora.targets),
         init_lora_weights=_INIT[lora.init],
         lora_dropout=lora.dropout,
+        use_dora=lora.dora,
+        use_rslora=lora.rslora,
     )
 
 
@@ -55,13 +57,13 @@ def linear_leaves(transformer: torch.nn.Module) -> list[str]:
     return sorted({leaf(n) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
-def targets_message(missing: list[str], transformer: torch.nn.Module) -> str:
+def targets_message(missing: list[str], transformer: torch.nn.Module, key: str = "model.lora.targets") -> str:
     import difflib
 
     linear = linear_leaves(transformer)
     close = [c for t in missing for c in difflib.get_close_matches(t, linear, n=1, cutoff=0.6)]
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-    return (f"model.lora.targets: no module named {', '.join(repr(t) for t in missing)} in "
+    return (f"{key}: no module named {', '.join(repr(t) for t in missing)} in "
             f"{type(transformer).__name__}; {hint}its linear layers are named "
             f"{', '.join(linear[:24])}{' ...' if len(linear) > 24 else ''}")
 
@@ -112,14 +114,17 @@ def pipeline_class(pipeline: str) -> type:
 def adapter_metadata(lora: LoraConfig, *, baked: bool) -> dict:
     """The peft ``LoraConfig`` as diffusers stores it in ``lora_adapter_metadata`` (JSON-ready).
 
-    ``baked``: the alpha / rank scale is already multiplied into ``lora_B``, so the file records
-    ``lora_alpha = r`` (scale 1): diffusers, ComfyUI (which reads no metadata and applies 1.0 without ``.alpha``
-    tensors) and any other loader then apply the same strength."""
+    ``baked``: the peft scale (alpha / rank, or alpha / sqrt(rank) with ``rslora``) is already multiplied into
+    ``lora_B``, so the file records ``lora_alpha = r`` and ``use_rslora = false`` (scale 1): diffusers, ComfyUI
+    (which reads no metadata and applies 1.0 without ``.alpha`` tensors) and any other loader then apply the same
+    strength. DoRA keeps ``use_dora``: its magnitude applies to ``W + scale * B @ A``, the same with the scale
+    baked into ``B``."""
     metadata = peft_config(lora).to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])
     if baked:
         metadata["lora_alpha"] = metadata["r"]
         metadata["alpha_pattern"] = dict(metadata.get("rank_pattern") or {})
+        metadata["use_rslora"] = False
     return metadata
 
 
@@ -130,7 +135,8 @@ def checkpoint_lora_metadata(lora: LoraConfig) -> dict[str, str]:
 
 
 def baked_lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``lora_state_dict`` with each module's peft scale (alpha / rank) multiplied into its ``lora_B``."""
+    """``lora_state_dict`` with each module's peft scale (alpha / rank; alpha / sqrt(rank) with rsLoRA)
+    multiplied into its ``lora_B``; a DoRA magnitude (``lora_magnitude_vector``) as it is."""
     state = lora_state_dict(transformer)
     for key in state:
         if ".lora_B." in key:
@@ -158,16 +164,21 @@ def export_lora(transformer: torch.nn.Module, pipeline: str, lora: LoraConfig, d
     # diffusers' own layout of the header (``write_lora_layers``): keys of the metadata carry the prefix too
     packed = {f"{prefix}.{k}": v for k, v in adapter_metadata(lora, baked=True).items()}
     header = {"format": "pt", LORA_ADAPTER_METADATA: json.dumps(packed, indent=2, sort_keys=True), **extra}
-    target = directory / LORA_FILE
+    return write_export(tensors, header, directory / LORA_FILE, "LoRA")
+
+
+def write_export(tensors: dict[str, torch.Tensor], header: dict[str, str], target: Path, what: str) -> Path:
+    """Write an adapter export atomically (``_write_atomic``); a failed write is a ``UserError`` naming the
+    ``what`` (``LoRA``, ``LoKr``, ...) file and how to get it written."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(tensors, header, target)
     except OSError as err:
-        named = err  # the message names the LoRA, not its (removed) temporary file
+        named = err  # the message names the adapter file, not its (removed) temporary file
         if err.filename and Path(err.filename).name.startswith(TEMP_PREFIX):
             named = OSError(err.errno, err.strerror)
-        failure = write_failure(named, f"the LoRA {target}")
-        raise UserError(f"{failure}; then run the same command with --resume: it writes the LoRA from the last "
+        failure = write_failure(named, f"the {what} {target}")
+        raise UserError(f"{failure}; then run the same command with --resume: it writes the {what} from the last "
                         "checkpoint") from err
     return target
 
@@ -269,15 +280,19 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
     return _read_header(path)[1]
 
 
-# diffusers' peft keys (lora_A / lora_B), kohya's names for the same (lora_down / lora_up), and a kohya alpha
-_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)")
-_PART = {"lora_A.weight": "A", "lora_down.weight": "A", "lora_B.weight": "B", "lora_up.weight": "B", "alpha": "alpha"}
+# diffusers' peft keys (lora_A / lora_B, and DoRA's lora_magnitude_vector), kohya's names for the same
+# (lora_down / lora_up), and a kohya alpha
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|"
+                       r"lora_magnitude_vector|alpha)")
+_PART = {"lora_A.weight": "A", "lora_down.weight": "A", "lora_B.weight": "B", "lora_up.weight": "B", "alpha": "alpha",
+         "lora_magnitude_vector": "M"}
 _HINT = "use a LoRA trained for this trainer's model family, or set trainer / model.pretrained to its model"
 
 
 def lora_landing(transformer: torch.nn.Module, path: Path,
                  shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, str]]:
-    """Module name -> {"A" | "B" | "alpha": file key}: where every tensor of the file lands on ``transformer``.
+    """Module name -> {"A" | "B" | "alpha" | "M": file key}: where every tensor of the file lands on ``transformer``
+    ("M": a DoRA magnitude, which every module of the file then has).
 
     ``UserError`` unless every tensor lands: a tensor of another component (a text encoder), a module this
     transformer does not have (a LoRA of another model family), a module with other sizes, a half pair, or a
@@ -302,7 +317,15 @@ def lora_landing(transformer: torch.nn.Module, path: Path,
         unknown = sorted(set(unknown))
         raise UserError(f"--lora {path} is not a LoRA for this {model}: {len(unknown)} of its target modules do not "
                         f"exist (e.g. {unknown[0]}); {_HINT}")
+    with_magnitude = [m for m, part in parts.items() if "M" in part]
+    if with_magnitude and len(with_magnitude) < len(parts):  # diffusers would make every module a DoRA
+        stray.append((parts[with_magnitude[0]]["M"], f"a DoRA magnitude, but {len(parts) - len(with_magnitude)} of "
+                                                     f"the file's {len(parts)} modules have none"))
     for module, part in parts.items():
+        if "M" in part:
+            problem = _misfit(modules[module], part["M"], shapes[part["M"]])
+            if problem:
+                raise UserError(f"--lora {path} does not fit this {model}: {part['M']} {problem}; {_HINT}")
         if "A" not in part or "B" not in part:
             stray.append((next(iter(part.values())), "its lora_A / lora_B partner is missing"))
             continue
@@ -340,6 +363,8 @@ def load_lora_file(transformer: torch.nn.Module, path: Path) -> None:
         if with_alpha and "alpha" in part:
             up = up.float() * (tensors[part["alpha"]].float().item() / down.shape[0])
         state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = down, up
+        if "M" in part:  # DoRA: applied to W + scale * B @ A, so a scale folded into B above is right
+            state[f"{module}.lora_magnitude_vector"] = tensors[part["M"]]
     metadata = None if with_alpha else _adapter_metadata_of(path, header, shapes)
     try:
         transformer.load_lora_adapter(state, prefix=None, adapter_name=ADAPTER, metadata=metadata)
@@ -399,9 +424,12 @@ def _checkpoint_metadata_from_run(path: Path, shapes: dict[str, tuple[int, ...]]
 
 def _misfit(module: torch.nn.Module, key: str, shape: tuple[int, ...]) -> str | None:
     """Why the LoRA tensor ``key`` of ``shape`` cannot sit on ``module`` (None: it fits, or is not checked).
-    A / down matrices are ``[rank, in_features]``, B / up matrices ``[out_features, rank]``."""
+    A / down matrices are ``[rank, in_features]``, B / up matrices ``[out_features, rank]``, a DoRA magnitude
+    ``[out_features]``."""
     base = getattr(module, "base_layer", module)
     in_f, out_f = getattr(base, "in_features", None), getattr(base, "out_features", None)
+    if key.endswith(".lora_magnitude_vector") and out_f is not None and tuple(shape) != (out_f,):
+        return f"has shape {list(shape)} but the module has {out_f} output features (a DoRA magnitude is [{out_f}])"
     if in_f is None or out_f is None or not key.endswith(".weight") or len(shape) != 2:
         return None
     if (".lora_A." in key or ".lora_down." in key) and shape[1] != in_f:

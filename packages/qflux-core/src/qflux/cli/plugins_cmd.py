@@ -43,5 +43,11 @@ def list_plugins(as_json: bool = typer.Option(False, "--json", help="Print machi
             table.add_row(p.name, p.package, p.version, p.kind, ", ".join(provides) or "-",
                           ", ".join(h.removeprefix("qflux_") for h in p.hooks))
         console.print(table)
+    adapters = Table(title="adapters (model.adapter)")
+    for col in ("name", "package", "description"):
+        adapters.add_column(col)
+    for name in sorted(registry.adapters):
+        adapters.add_row(name, registry.provider.get(f"adapter:{name}", "-"), registry.adapters[name].description)
+    console.print(adapters)
     for b in registry.broken:
         console.print(f"[red]broken plugin[/] {b.name} ({b.package}): {b.error}", markup=True)

@@ -57,7 +57,7 @@ def sample(
     from qflux.data import load_sample
     from qflux.data.records import FileImage, SampleRecord
     from qflux.plugins import build_registry
-    from qflux.run.models import Selection, inference_bundle
+    from qflux.run.models import Selection
     from qflux.run.preflight import check_capabilities, check_model_source, check_plugins, check_writable
     from qflux.types import SampleRequest
 
@@ -99,11 +99,10 @@ def sample(
     if (width, height) != planned:
         sizes_from = "--width/--height"
 
-    bundle = inference_bundle(selection, cfg, lora)
     request = SampleRequest(prompt=prompt, controls=request_sample.controls, height=height, width=width, steps=steps,
                             seed=seed, guidance=guidance, true_cfg=true_cfg, negative_prompt=negative_prompt,
                             vl_controls=request_sample.vl_controls)
-    result = selection.trainer.sample(bundle, request)
+    result = render(selection, cfg, lora, request)
     from qflux.training.validation import save_image
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,3 +111,25 @@ def sample(
         sizes_from += f", floored by the {selection.trainer.name} trainer from {width}x{height}"
     width, height = result.size
     typer.echo(f"wrote {out} ({width}x{height}, size from {sizes_from})")
+
+
+def render(selection, cfg, lora: Path | None, request):
+    """The image of ``request``. Encoders never beside the transformer: a trainer with ``Trainer.encode_request``
+    encodes the request first, keeps only ``Trainer.decoder``'s part of the encoders (the VAE;
+    ``validation.vae_tiling``) and frees the rest, then loads the transformer (quantized, ``lora`` applied),
+    denoises and decodes. A trainer without it: the transformer, then the encoders, then ``Trainer.sample``."""
+    from qflux.run.models import inference_bundle, load_base
+    from qflux.types import ModelBundle
+
+    trainer = selection.trainer
+    if not trainer.implements("encode_request"):
+        return trainer.sample(inference_bundle(selection, cfg, lora), request)
+    encoders = trainer.load_encoders(cfg.model)
+    encoded = trainer.encode_request(encoders, request, cfg.model)
+    decoder = trainer.decoder(encoders, cfg.validation.vae_tiling)
+    del encoders  # the text encoders are freed before the transformer loads
+    transformer = load_base(selection, cfg)
+    if lora is not None:
+        selection.adapter.load_file(transformer, lora)
+    bundle = ModelBundle(trainer=trainer, model=cfg.model, transformer=transformer, encoders=decoder)
+    return trainer.sample(bundle, request, encoded=encoded)

@@ -34,10 +34,14 @@ class LoraConfig(Section):
     # on the original model that diffusers and ComfyUI load it onto.
     init: Literal["gaussian", "default"] = "gaussian"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # DoRA (peft use_dora): a trained per-output-channel magnitude on top of the LoRA; exported in diffusers
+    # format (lora_magnitude_vector), which diffusers loads and ComfyUI does not apply as trained (docs/comfyui.md)
+    dora: bool = False
+    rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank) instead of alpha / rank (peft use_rslora)
 
 
 class ModelConfig(Section):
-    pretrained: PathStr = "builtin:tiny"  # diffusers folder | hub id | builtin:tiny
+    pretrained: PathStr = "builtin:tiny"  # diffusers folder | hub id | builtin:tiny | builtin:shapes-base
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     quantize: str | None = None  # a registered quantizer name (qflux-quant: nf4, fp4, int8, fp8)
@@ -45,6 +49,8 @@ class ModelConfig(Section):
     # precision; the timestep/guidance/text embeddings, the final norm and the output projection never are.
     quantize_skip: list[str] = Field(default_factory=list)
     gradient_checkpointing: bool = False
+    # repeated transformer blocks whose frozen weights live in host memory, fetched one block ahead (0: off)
+    offload_blocks: int | Literal["auto"] = 0
     max_sequence_length: int | None = Field(None, ge=1)  # prompt tokens; None: the trainer's default
     adapter: str = "lora"  # a registered adapter kind (qflux: lora; plugins add others)
     lora: LoraConfig = Field(default_factory=LoraConfig)  # the lora adapter's options
@@ -54,7 +60,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    path: PathStr = "builtin:shapes"  # folder | .csv/.jsonl manifest | hf:OWNER/NAME[:split] | builtin:shapes
+    path: PathStr = "builtin:shapes"  # folder | .csv/.jsonl manifest | hf:OWNER/NAME[:split] | builtin:shapes[-pink]
     # separate folders (ai-toolkit folder_path + control_path, musubi image/control directories): with
     # control_path set, path is the folder of target images + .txt captions; a list = one folder per control slot
     control_path: PathStr | list[PathStr] | None = None
@@ -108,12 +114,21 @@ class CacheConfig(Section):
     dir: PathStr = ".qflux-cache"
 
 
+class EmaConfig(Section):
+    """``train.ema``: an exponential moving average of the adapter's weights (``qflux.training.ema``)."""
+
+    decay: float = Field(0.999, gt=0, lt=1)  # per update: shadow = decay * shadow + (1 - decay) * weights
+    every: int = Field(1, ge=1)  # update at the steps that are multiples of this
+    start: int = Field(0, ge=0)  # the first update at or after this step copies the weights
+    use_for: list[Literal["validation", "export"]] = Field(default_factory=lambda: ["validation", "export"])
+
+
 class TrainConfig(Section):
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1.0e-4, gt=0)
-    optimizer: str = "adamw"  # adamw | adamw8bit | prodigy-like import path "pkg.module.Class"
+    optimizer: str = "adamw"  # adamw | adamw8bit | prodigy | adamw_schedulefree | adafactor | "pkg.module.Class"
     optimizer_args: dict[str, object] = Field(default_factory=dict)
     weight_decay: float = Field(1.0e-4, ge=0)
     scheduler: str = "constant"  # diffusers.optimization.get_scheduler names
@@ -130,6 +145,10 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1)
     fsdp: bool = False  # with several processes: shard the frozen base (torch FSDP2), keep the LoRA replicated
     collective_timeout: float = Field(10.0, gt=0)  # minutes a collective waits for a dead/stuck rank (not 30)
+    ema: EmaConfig | None = None  # None: no EMA
+    # torch.compile the transformer block by block (regional: one compile per block type), eager where unavailable
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend (torch._dynamo.list_backends(); aot_eager: debugging)
 
     @field_validator("timestep_sampling", mode="before")
     @classmethod
@@ -168,6 +187,7 @@ class ValidationConfig(Section):
     from_holdout: int = Field(0, ge=0)  # also sample this many held-out data samples
     # export the LoRA of the validation step best on this metric to output.dir/best (qflux.training.best)
     select_best: Literal["val_loss", "val_shift_px", "val_zoom", "val_unedited_psnr"] | None = None
+    vae_tiling: bool = False  # decode validation images (and qflux sample's) in VAE tiles / slices
 
 
 class OutputConfig(Section):

@@ -11,6 +11,10 @@ anti-aliasing, shapes never overlap and a moved shape never overlaps its old pla
 on ``i`` and its size (a local ``random.Random`` seeded with ``"qflux/shapes/i"``), not on ``num_samples`` or
 any global seed. Sizes come from ``data.resolution``: ``r`` -> ``r x r``, ``[h, w]`` -> ``w x h``, a bucket
 list -> the buckets in turn.
+
+``builtin:shapes-pink``: the same kind of scenes from another seed (``"qflux/shapes-pink/i"``), every edit turning
+one shape pink (``"make the red circle pink"``), a colour (``NEW_COLOURS``) that ``builtin:shapes`` never uses:
+a model pretrained on ``builtin:shapes`` (``builtin:shapes-base``) has never seen it. The demo's LoRA learns it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 190),
     "orange": (245, 130, 20),
 }
+# Edit colours builtin:shapes never uses (its scenes are drawn from COLOURS only): the new edits of the
+# builtin:shapes-<colour> datasets.
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (250, 110, 190)}
 KINDS = ("circle", "square", "triangle")
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
@@ -50,7 +57,7 @@ class Shape:
         return self.cx - self.r, self.cy - self.r, self.cx + self.r, self.cy + self.r
 
     def draw(self, draw: ImageDraw.ImageDraw) -> None:
-        fill = COLOURS[self.colour]
+        fill = COLOURS[self.colour] if self.colour in COLOURS else NEW_COLOURS[self.colour]
         x0, y0, x1, y1 = self.box
         if self.kind == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
@@ -116,7 +123,9 @@ def move_step(width: int, height: int) -> int:
     return max(min(width, height) // 4, 2 * _radii(width, height)[1] + 2)
 
 
-def _layout(rng: random.Random, width: int, height: int) -> tuple[list[Shape], ShapeEdit]:
+def _layout(rng: random.Random, width: int, height: int,
+            new_colour: str | None = None) -> tuple[list[Shape], ShapeEdit]:
+    """The scene and its edit; ``new_colour``: the edit always recolours the chosen shape to it."""
     r_lo, r_hi = _radii(width, height)
     step = move_step(width, height)
     margin = 1
@@ -136,6 +145,8 @@ def _layout(rng: random.Random, width: int, height: int) -> tuple[list[Shape], S
         chosen = rng.randrange(count)
         shape = shapes[chosen]
         others = [o for i, o in enumerate(shapes) if i != chosen]
+        if new_colour is not None:
+            return shapes, ShapeEdit(shape, colour=new_colour)
         if rng.random() < 0.5:
             free = [c for c in sorted(COLOURS) if c not in colours]
             return shapes, ShapeEdit(shape, colour=rng.choice(free))
@@ -163,10 +174,13 @@ def _apply(shapes: list[Shape], edit: ShapeEdit, width: int, height: int) -> lis
     return out
 
 
-def make_example(index: int, width: int, height: int) -> ShapesExample:
-    """Sample ``index`` at ``width x height`` (deterministic)."""
-    rng = random.Random(f"qflux/shapes/{index}")
-    shapes, edit = _layout(rng, width, height)
+def make_example(index: int, width: int, height: int, new_colour: str | None = None) -> ShapesExample:
+    """Sample ``index`` at ``width x height`` (deterministic); ``new_colour`` (a ``NEW_COLOURS`` name): sample
+    ``index`` of ``builtin:shapes-<new_colour>`` instead."""
+    if new_colour is not None and new_colour not in NEW_COLOURS:
+        raise ValueError(f"unknown new colour {new_colour!r} (known: {', '.join(NEW_COLOURS)})")
+    rng = random.Random(f"qflux/shapes-{new_colour}/{index}" if new_colour else f"qflux/shapes/{index}")
+    shapes, edit = _layout(rng, width, height, new_colour)
     control = _render(shapes, width, height)
     target = _render(_apply(shapes, edit, width, height), width, height)
     changed = np.any(np.asarray(control) != np.asarray(target), axis=-1)
@@ -179,12 +193,18 @@ def sample_size(index: int, data: DataConfig) -> tuple[int, int]:
     return data.resolution_spec.size_at(index)
 
 
-def shapes_records(data: DataConfig) -> list[SampleRecord]:
-    """``data.num_samples`` records of ``builtin:shapes``."""
+def dataset_names() -> tuple[str, ...]:
+    """The ``builtin:`` datasets of this module: ``shapes`` and ``shapes-<colour>`` per ``NEW_COLOURS``."""
+    return ("shapes", *(f"shapes-{c}" for c in NEW_COLOURS))
+
+
+def shapes_records(data: DataConfig, name: str = "shapes") -> list[SampleRecord]:
+    """``data.num_samples`` records of ``builtin:<name>`` (``dataset_names()``)."""
+    new_colour = name.removeprefix("shapes-") if name != "shapes" else None
     records = []
     for i in range(data.num_samples):
-        ex = make_example(i, *sample_size(i, data))
-        origin = f"builtin:shapes #{i}"
+        ex = make_example(i, *sample_size(i, data), new_colour)
+        origin = f"builtin:{name} #{i}"
         records.append(
             SampleRecord(
                 key=ex.key,

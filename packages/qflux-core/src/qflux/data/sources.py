@@ -3,7 +3,8 @@
 ``data.path`` forms: a folder (``qflux.data.folder``: the training_images/ + control_images/ layout, or with
 ``data.control_path`` set the folder of targets of the separate-folders layout), a ``.csv`` / ``.jsonl`` manifest
 (``qflux.data.manifest``), ``hf:OWNER/NAME[:split]`` or ``hf:PATH[:split]`` (``qflux.data.hf``, a folder saved
-with ``save_to_disk`` is also recognised without the prefix) and ``builtin:shapes`` (``qflux.data.shapes``).
+with ``save_to_disk`` is also recognised without the prefix) and ``builtin:shapes`` / ``builtin:shapes-pink``
+(``qflux.data.shapes``).
 ``data.mask_path`` adds a folder of masks to either folder layout. A relative path (``data.path``,
 ``data.control_path``, ``data.mask_path``) is resolved against ``base_dir`` (default: the current directory).
 """
@@ -28,12 +29,12 @@ from qflux.data.folder import (
 from qflux.data.hf import is_saved_dataset, scan_hf
 from qflux.data.manifest import MANIFEST_SUFFIXES, is_manifest, scan_manifest
 from qflux.data.records import DataProblem, SampleRecord, SourceScan
-from qflux.data.shapes import shapes_records
+from qflux.data.shapes import dataset_names, shapes_records
 from qflux.errors import DataError
 
 log = logging.getLogger("qflux.data")
 
-BUILTINS = ("shapes",)
+BUILTINS = dataset_names()  # shapes, shapes-pink
 _SCHEME_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]+):")
 FORMS = "a folder with training_images/, a .csv/.jsonl manifest, hf:OWNER/NAME[:split], hf:PATH or builtin:shapes"
 MAX_LISTED = 20
@@ -93,7 +94,7 @@ def scan_dataset(data: DataConfig, base_dir: Path | None = None) -> SourceScan:
                 f"data.path {spec}: unknown builtin dataset (available: builtin:{', builtin:'.join(BUILTINS)})"
             )
         _not_a_folder_source(data, spec)
-        return SourceScan(records=shapes_records(data), description=spec)
+        return SourceScan(records=shapes_records(data, name), description=spec)
     if match and match["scheme"] == "hf":
         rest = spec[len("hf:") :]
         if not rest:

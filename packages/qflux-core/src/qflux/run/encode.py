@@ -1,5 +1,7 @@
 """The encoding phase of a training run: the dataset encoded (or read from the embedding cache) before the
-transformer is loaded, so encoders and transformer never need to share memory; then the validation cases."""
+transformer is loaded, so encoders and transformer never need to share memory; then the validation cases,
+encoded too (``Trainer.encode_request``) when the trainer can: sampling then needs only the transformer and
+``Trainer.decoder``'s part of the encoders (the VAE), and the text encoders are freed here."""
 
 from __future__ import annotations
 
@@ -16,9 +18,15 @@ from qflux.types import EncodedSample
 class EncodedData:
     train_set: Sequence[EncodedSample]
     holdout_set: list[EncodedSample]
-    encoders: LazyEncoders  # kept (on CPU) when validation samples images, released otherwise
+    encoders: LazyEncoders  # kept (on CPU) for a trainer that samples from raw requests, released otherwise
     sampling_on: bool  # validation renders images
     validation_cases: list[Any] = field(default_factory=list)  # training.validation.ValidationCase
+    decoder: Any = None  # Trainer.decoder's (on CPU) when the cases are pre-encoded: what sampling gets as encoders
+
+    def sampling_encoders(self) -> Any:
+        """What ``Trainer.sample`` gets as ``bundle.encoders``: the decoder of pre-encoded cases, else the whole
+        encoders (loaded on first use: a trainer without ``encode_request``)."""
+        return self.decoder if self.decoder is not None else self.encoders.get()
 
 
 def encode_phase(run: Run, records: list | None = None) -> EncodedData:
@@ -40,8 +48,9 @@ def encode_phase(run: Run, records: list | None = None) -> EncodedData:
         train_set = prepare_samples(train_records, trainer, encoders, config, cache, context)
         holdout_set = encode_records(holdout_records, trainer, encoders, config, cache, context)
 
-    # Before the transformer is loaded: validation sampling keeps the encoders, on CPU (Trainer.sample moves
-    # them to the device while it runs); otherwise they are dropped.
+    # Before the transformer is loaded: the validation requests are encoded (Trainer.encode_request), the VAE
+    # decoder kept on CPU and the rest of the encoders dropped. A trainer that samples from raw requests keeps
+    # the encoders on CPU (Trainer.sample moves them to the device while it runs). No sampling: dropped.
     sampling_on = config.validation.every > 0 and bool(config.validation.samples or
                                                        (config.validation.from_holdout and holdout_records))
     data = EncodedData(train_set, holdout_set, encoders, sampling_on)
@@ -51,7 +60,25 @@ def encode_phase(run: Run, records: list | None = None) -> EncodedData:
         sizing = trainer.info.condition_sizing
         holdout_samples = [load_sample(r, config.data, sizing) for r in holdout_records]
         data.validation_cases = cases_from_config(config, holdout_samples, sizing)
-        encoders.offload()
+        if trainer.implements("encode_request"):
+            encode_validation(run, data)
+        else:
+            encoders.offload()
     else:
         encoders.release()
     return data
+
+
+def encode_validation(run: Run, data: EncodedData) -> None:
+    """Each validation case's prompts and controls encoded once, now, with the encoders on the training device;
+    the decoder (``Trainer.decoder``: the VAE, ``validation.vae_tiling``) kept on CPU, the encoders released."""
+    from qflux.training.validation import encode_cases
+
+    config, trainer = run.config, run.trainer
+    with run.console.status("encoding the validation prompts and controls"):
+        loaded = data.encoders.get()
+        encode_cases(trainer, loaded, data.validation_cases, config.model)
+        decoder = trainer.decoder(loaded, config.validation.vae_tiling)
+    del loaded
+    data.encoders.release()
+    data.decoder = decoder.to("cpu") if hasattr(decoder, "to") else decoder

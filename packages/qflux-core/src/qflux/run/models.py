@@ -56,7 +56,17 @@ def training_models(selection: Selection, config: QfluxConfig) -> TrainingModels
     if config.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     params = selection.adapter.attach(transformer, selection.adapter_options(config))
+    offload(transformer, config)
     return TrainingModels(transformer, params)
+
+
+def offload(transformer: torch.nn.Module, config: QfluxConfig) -> None:
+    """``model.offload_blocks``: after the adapter is attached (its parameters stay on the device) and after
+    gradient checkpointing is on (the recomputation fetches through the same hooks)."""
+    if config.model.offload_blocks:
+        from qflux.training.offload import apply_offload
+
+        apply_offload(transformer, config.model)
 
 
 def inference_bundle(selection: Selection, config: QfluxConfig, adapter_file: Path | None) -> ModelBundle:
@@ -64,5 +74,6 @@ def inference_bundle(selection: Selection, config: QfluxConfig, adapter_file: Pa
     transformer = load_base(selection, config)
     if adapter_file is not None:
         selection.adapter.load_file(transformer, adapter_file)
+    offload(transformer, config)
     encoders = selection.trainer.load_encoders(config.model)
     return ModelBundle(trainer=selection.trainer, model=config.model, transformer=transformer, encoders=encoders)

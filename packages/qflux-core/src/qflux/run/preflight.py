@@ -41,6 +41,7 @@ def check_config(config: QfluxConfig, registry: Registry, need_plugins: bool = T
     not installed skips the checks that need it instead of failing."""
     from qflux.run.lora_targets import check_lora_targets
     from qflux.training.best import check_select_best
+    from qflux.training.compile import check_compile
     from qflux.training.optim import check_optimizer, check_scheduler
     from qflux.training.sharding import check_fsdp
 
@@ -48,12 +49,24 @@ def check_config(config: QfluxConfig, registry: Registry, need_plugins: bool = T
     check_fsdp(config)
     check_optimizer(config.train)
     check_scheduler(config.train)
+    check_compile(config.train)
     check_data_settings(config)
     if trainer is not None:
         check_model_source(config, trainer.info.pipeline, trainer.name)
         check_lora_targets(config, trainer)
+        check_offload_blocks(config, registry, trainer)
     check_validation_images(config)
     check_select_best(config)
+
+
+def check_offload_blocks(config: QfluxConfig, registry: Registry, trainer: Trainer) -> None:
+    """``model.offload_blocks``: not negative, not beyond the transformer's repeated blocks (counted on the
+    meta-device model), not with a quantizer, train.fsdp or train.compile it cannot work with."""
+    from qflux.run.lora_targets import meta_transformer
+    from qflux.training.offload import check_offload, meta_block_count
+
+    quantizer = registry.quantizer(config.model.quantize) if config.model.quantize in registry.quantizers else None
+    check_offload(config, quantizer, lambda: meta_block_count(meta_transformer(config, trainer)))
 
 
 def check_plugins(config: QfluxConfig, registry: Registry, need_plugins: bool = True) -> Trainer | None:

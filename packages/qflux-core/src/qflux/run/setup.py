@@ -110,23 +110,44 @@ class Position:
 def optimisation(run: Run, transformer: torch.nn.Module, params: list[torch.nn.Parameter],
                  resumed: ResumeState) -> tuple[Any, Any, Position]:
     """The optimizer and LR scheduler of the adapter's parameters, restored from the checkpoint when resuming
-    (with the new config's hyperparameters applied at the restored step)."""
-    from qflux.training.optim import build_lr_scheduler, build_optimizer
-    from qflux.training.resume import apply_hyperparameters, hyperparameters
+    (with the new config's hyperparameters applied at the restored step). A schedule-free optimizer is left in
+    train mode (a checkpoint holds its training weights and its state in train mode: ``qflux.run.weights``)."""
+    from qflux.training.optim import build_lr_scheduler, build_optimizer, has_eval_mode
 
     optimizer = build_optimizer(params, run.config.train)
     lr_scheduler = build_lr_scheduler(optimizer, run.config.train)
     state = resumed.checkpoint
+    if state is not None:
+        restore(run, transformer, optimizer, lr_scheduler, resumed)
+    if has_eval_mode(optimizer):
+        optimizer.train()
     if state is None:
         return optimizer, lr_scheduler, Position()
+    return optimizer, lr_scheduler, Position(state.position.step, state.position.epoch,
+                                             state.position.batch_in_epoch)
+
+
+def restore(run: Run, transformer: torch.nn.Module, optimizer: Any, lr_scheduler: Any, resumed: ResumeState) -> None:
+    """The checkpoint's adapter weights, optimizer and LR scheduler state, with the new config's
+    hyper-parameters on top."""
+    from qflux.training.resume import apply_hyperparameters, hyperparameters
+
+    state = resumed.checkpoint
     run.selection.adapter.load_state(transformer, state.lora)
     fresh = hyperparameters(optimizer)  # the restored state dicts bring the old lr / weight_decay back:
     optimizer.load_state_dict(state.optimizer)
     lr_scheduler.load_state_dict(state.lr_scheduler)
     apply_hyperparameters(optimizer, lr_scheduler, fresh)  # the new config's, at the restored step
     run.console.print(f"resumed from {resumed.path} at step {state.position.step}")
-    return optimizer, lr_scheduler, Position(state.position.step, state.position.epoch,
-                                             state.position.batch_in_epoch)
+
+
+def announce_start(run: Run, transformer: torch.nn.Module, params: list[Any], resumed: ResumeState,
+                   step: int) -> None:
+    """``qflux_on_start``: the run is ready (the run folder exists, a resumed state is loaded)."""
+    from qflux.events import StartEvent
+
+    run.hook.qflux_on_start(event=StartEvent(step, resumed.path, run.unwrap(transformer), run.selection.adapter,
+                                             params, run.config, run.is_main))
 
 
 def open_run_folder(run: Run) -> None:

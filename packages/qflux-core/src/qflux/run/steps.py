@@ -44,15 +44,32 @@ class Loop:
         run, path = self.run, None
         if run.is_main:
             adapter = run.selection.adapter
+            # the training weights (schedule-free: y, the optimizer in train mode): a resume continues exactly
             state = adapter.state_dict(run.unwrap(self.strategy.transformer))
-            path = ckpt.save_checkpoint(
-                run.output_dir, boundary, state, self.strategy.optimizer, self.lr_scheduler,
-                run.config.train.keep_checkpoints,
-                lora_metadata={**adapter.checkpoint_metadata(run.selection.adapter_options(run.config)),
-                               **sizes_metadata(run.config.data), STATE_DIGEST: state_digest(state)})
+            metadata = {**adapter.checkpoint_metadata(run.selection.adapter_options(run.config)),
+                        **sizes_metadata(run.config.data), STATE_DIGEST: state_digest(state)}
+            files = plugin_files(run, boundary.step)
+            path = ckpt.save_checkpoint(run.output_dir, boundary, state, self.strategy.optimizer, self.lr_scheduler,
+                                        run.config.train.keep_checkpoints, lora_metadata=metadata, extra_files=files)
         run.accelerator.wait_for_everyone()
         run.hook.qflux_on_checkpoint(event=CheckpointEvent(boundary.step, path, run.config, run.is_main))
         return path
+
+
+def plugin_files(run: Run, step: int) -> dict[str, bytes]:
+    """The files run callbacks add to the checkpoint of ``step`` (``qflux_checkpoint_files``); a name taken
+    twice (or one of the core's) is a ``PluginError``."""
+    from qflux.errors import PluginError
+
+    event = CheckpointEvent(step, ckpt.checkpoint_dir(run.output_dir, step), run.config, run.is_main)
+    files: dict[str, bytes] = {}
+    for contributed in run.hook.qflux_checkpoint_files(event=event):
+        for name, data in contributed.items():
+            if name in files or name in ckpt.CORE_FILES or "/" in name or name.startswith("."):
+                raise PluginError(f"qflux_checkpoint_files: the file name {name!r} is taken or not a plain file "
+                                  f"name (the core writes {', '.join(sorted(ckpt.CORE_FILES))})")
+            files[name] = data
+    return files
 
 
 def run_steps(loop: Loop) -> ckpt.TrainingPosition:
@@ -167,7 +184,7 @@ def finish(loop: Loop, boundary: ckpt.TrainingPosition, start_step: int) -> tupl
     run, validator, step = loop.run, loop.validator, loop.position.step
     config = run.config
     fidelity_end: dict[str, float] = {}
-    val_end = validator.evaluate()
+    val_end = validator.evaluate(step)
     if val_end is not None:
         run.console.print(f"held-out validation loss at step {step}: {val_end:.5f}")
     if config.validation.every and step > start_step:  # a resume that only exports rendered them already
@@ -180,7 +197,7 @@ def finish(loop: Loop, boundary: ckpt.TrainingPosition, start_step: int) -> tupl
             loop.metrics.log(step, val_loss=val_end)
         if config.validation.every and step > start_step:
             validator.offer_best(step, {"val_loss": val_end, **fidelity_end})
-        path = validator.export(run.output_dir)
+        path = validator.export(run.output_dir, "export", step)
         loop.metrics.close()
         plot_loss(loop.metrics.path, run.output_dir / "loss.png")
         plot_fidelity(loop.metrics.path, run.output_dir / "fidelity.png")

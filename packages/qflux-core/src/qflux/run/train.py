@@ -1,9 +1,10 @@
 """A training run: ``train(config) -> TrainResult``, as a list of phases.
 
 start (plugins, process group, timestep shift) -> the lock of output.dir (``qflux.run.lock``: one run per
-folder, held until ``train`` returns) -> resume point -> encode the dataset (or read the cache)
--> load the models (transformer, quantizer, adapter) -> optimizer -> DDP or FSDP -> run folder -> validation
-at step 0 -> steps (validation, checkpoints, Ctrl-C) -> finish (last validation, checkpoint, export).
+folder, held until ``train`` returns) -> resume point -> encode the dataset (or read the cache) and the
+validation requests, then free the encoders but the VAE (``run.encode``) -> load the models (transformer,
+quantizer, adapter) -> optimizer -> DDP or FSDP -> run folder -> validation at step 0 -> steps (validation,
+checkpoints, Ctrl-C) -> finish (last validation, checkpoint, export).
 Only the main process writes files; every rank runs the same number of micro-batches.
 """
 
@@ -58,7 +59,7 @@ def _train(run: Run, resume: bool | Path, records: list | None) -> TrainResult:
 
     from qflux.run.encode import encode_phase
     from qflux.run.models import training_models
-    from qflux.run.setup import describe_models, open_run_folder, optimisation, resume_from
+    from qflux.run.setup import announce_start, describe_models, open_run_folder, optimisation, resume_from
     from qflux.run.steps import Loop, finish, run_steps
     from qflux.run.validator import Validator
     from qflux.training.metrics import MetricsLog
@@ -72,6 +73,10 @@ def _train(run: Run, resume: bool | Path, records: list | None) -> TrainResult:
     set_seed(config.train.seed, device_specific=False)  # model init in plugins that use the global RNG
     data = encode_phase(run, records)
     models = training_models(run.selection, config)
+    if config.train.compile:  # after the adapter is attached: its layers compile inside the blocks
+        from qflux.training.compile import compile_blocks
+
+        compile_blocks(models.transformer, run.device, run.console.print, config.train.compile_backend)
     describe_models(run, len(data.train_set), len(data.holdout_set), models.params)
     optimizer, lr_scheduler, position = optimisation(run, models.transformer, models.params, resumed)
     strategy = prepare(run.accelerator, models.transformer, models.params, optimizer, config.train.fsdp,
@@ -82,6 +87,7 @@ def _train(run: Run, resume: bool | Path, records: list | None) -> TrainResult:
         metrics.log(position.step, resumed_from=str(resumed.path), changed={c.key: [c.old, c.new] for c in resumed.changes})
     validator = Validator(run, strategy, data, metrics)
     result = TrainResult(output_dir=run.output_dir, lora_path=None, steps=position.step, resumed_from=resumed.path)
+    announce_start(run, strategy.transformer, models.params, resumed, position.step)  # qflux_on_start
     result.val_loss_start = first_validation(run, validator, metrics, position.step)
     loop = Loop(run, strategy, data, models.params, lr_scheduler, validator, metrics, position)
     start_step = position.step
@@ -94,7 +100,7 @@ def _train(run: Run, resume: bool | Path, records: list | None) -> TrainResult:
 
 def first_validation(run, validator, metrics, step: int) -> float | None:
     """The held-out loss before the first step of this invocation, and the images at step 0."""
-    val = validator.evaluate()
+    val = validator.evaluate(step)
     if val is not None:
         run.console.print(f"held-out validation loss at step {step}: {val:.5f}")
         if metrics:

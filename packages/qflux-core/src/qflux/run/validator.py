@@ -1,5 +1,6 @@
 """Validation during a run: the held-out loss (every process, its share), the sample images (rendered by
-each process, gathered on the main one, measured for edit fidelity) and the best-step export."""
+each process, gathered on the main one, measured for edit fidelity) and the best-step export; each with the
+weights to evaluate (``qflux.run.weights``: schedule-free's evaluation weights, ``train.ema``'s average)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from qflux.events import ValidationEvent
 from qflux.run.context import Run
 from qflux.run.encode import EncodedData
+from qflux.run.weights import EvalWeights
 from qflux.training.batching import collate
 from qflux.training.metrics import MetricsLog
 from qflux.training.step import validation_loss_sum
@@ -29,15 +31,17 @@ class Validator:
             holdout, len(self.batches)) if holdout else []
         select = run.config.validation.select_best
         self.best = BestSelector(select, run.output_dir) if run.is_main and select else None
+        self.base: tuple[list[Any], dict[str, float]] | None = None  # step 0's images and means: the base model's
+        self.weights = EvalWeights(run, strategy.transformer, strategy.optimizer)
 
-    def evaluate(self) -> float | None:
+    def evaluate(self, at_step: int) -> float | None:
         """The held-out loss at fixed sigmas and noise, averaged over every process's share."""
         run, config = self.run, self.run.config
         if not self.data.holdout_set:
             return None
         model = run.unwrap(self.strategy.transformer)  # no DDP collective: ranks may hold no held-out sample
         model.eval()
-        with self.strategy.validation_autocast():
+        with self.weights.evaluating("validation", at_step), self.strategy.validation_autocast():
             total, count = validation_loss_sum(run.hook, run.trainer, model, self.batches, config,
                                                config.validation.seed)
             if self.padding:
@@ -62,14 +66,15 @@ class Validator:
         from qflux.training.validation import render
 
         run, cases, transformer = self.run, self.data.validation_cases, self.strategy.transformer
-        transformer.eval()
-        bundle = ModelBundle(trainer=run.trainer, model=run.config.model, transformer=run.unwrap(transformer),
-                             encoders=self.data.encoders.get())
         mine = list(range(len(cases)))
         if not self.strategy.sharded:
             mine = mine[run.rank::run.world]
-        with self.strategy.validation_autocast():
-            rendered = list(zip(mine, render(bundle, [cases[i] for i in mine])))
+        transformer.eval()
+        with self.weights.evaluating("validation", at_step):
+            bundle = ModelBundle(trainer=run.trainer, model=run.config.model, transformer=run.unwrap(transformer),
+                                 encoders=self.data.sampling_encoders())  # the decoder of pre-encoded cases
+            with self.strategy.validation_autocast():
+                rendered = list(zip(mine, render(bundle, [cases[i] for i in mine])))
         transformer.train()
         if run.world > 1 and not self.strategy.sharded:
             rendered = gather_object(rendered)
@@ -78,7 +83,7 @@ class Validator:
         return self._report(at_step, [image for _, image in sorted(rendered, key=lambda pair: pair[0])])
 
     def _report(self, at_step: int, images: list[Any]) -> dict[str, float]:
-        from qflux.training.val_fidelity import describe, measure_case, summarize
+        from qflux.training.val_fidelity import describe, measure_case, score_note, summarize
         from qflux.training.validation import grid, save_grid
 
         cases = self.data.validation_cases
@@ -86,15 +91,19 @@ class Validator:
         means = summarize(fidelity)
         if means:
             self.metrics.log(at_step, **means, val_fidelity=[f.as_row() for f in fidelity])
-        image = grid(cases, images, step=at_step, notes=[describe(f) for f in fidelity])
+        if at_step == 0:  # the untrained LoRA: these are the base model's samples, shown beside the later ones
+            self.base = images, means
+        image = grid(cases, images, step=at_step, notes=[describe(f) for f in fidelity],
+                     base=self.base[0] if self.base and at_step else None)
         path = save_grid(self.run.output_dir, at_step, image)
         self.metrics.image("validation", image, at_step)
-        self.run.console.print(f"step {at_step}: validation samples -> {path}")
+        self.run.console.print(f"step {at_step}: validation samples -> {path}"
+                               + score_note(means, self.base[1] if self.base and at_step else None))
         return means
 
     def validate(self, at_step: int) -> None:
         """A validation step mid-run: the held-out loss, the images, the best-step export, the callbacks."""
-        val = self.evaluate()
+        val = self.evaluate(at_step)
         if self.metrics and val is not None:
             self.metrics.log(at_step, val_loss=val)
         fidelity = self.sample(at_step)
@@ -109,18 +118,21 @@ class Validator:
         """Export this step's adapter to output.dir/best when it is the best so far on validation.select_best."""
         if self.best is None:
             return
-        found = self.best.offer(at_step, values, self.export)
+        found = self.best.offer(at_step, values, lambda directory: self.export(directory, "validation", at_step))
         if found is not None:
             self.run.console.print(f"step {at_step}: best {found.metric} so far ({found.value:.5g}) -> "
                                    f"{self.best.directory}")
 
-    def export(self, directory: Path) -> Path:
-        """The adapter file for use outside qflux, of the current weights (the final export and best/)."""
+    def export(self, directory: Path, purpose: str, at_step: int) -> Path:
+        """The adapter file for use outside qflux (the final export: ``purpose`` "export"; best/: "validation"),
+        of the weights to evaluate. Its digest is of the trained weights (what a checkpoint of this step
+        holds): ``training.run_folder`` matches an export to its checkpoint by it."""
         from qflux.adapters.base import STATE_DIGEST, state_digest
         from qflux.data.trained_sizes import sizes_metadata  # qflux sample plans from the sizes trained with
 
         run = self.run
         adapter, model = run.selection.adapter, run.unwrap(self.strategy.transformer)
         extra = {**sizes_metadata(run.config.data), STATE_DIGEST: state_digest(adapter.state_dict(model))}
-        return adapter.export(model, run.trainer, run.selection.adapter_options(run.config), directory,
-                              extra_metadata=extra)
+        with self.weights.evaluating(purpose, at_step):
+            return adapter.export(model, run.trainer, run.selection.adapter_options(run.config), directory,
+                                  extra_metadata=extra)

@@ -1,4 +1,5 @@
-"""Training checkpoints: ``checkpoints/step-000250/`` with LoRA, optimizer, LR scheduler and data position.
+"""Training checkpoints: ``checkpoints/step-000250/`` with LoRA, optimizer, LR scheduler and data position,
+and the files run callbacks add (``qflux_checkpoint_files``: ``train.ema``'s ``ema.safetensors``).
 
 No RNG state is needed: each sample's noise is a function of (seed, epoch, sample) (``step.sample_generator``).
 
@@ -29,6 +30,8 @@ from qflux.layout import CHECKPOINT_ADAPTER as LORA
 from qflux.layout import CHECKPOINT_MANIFEST as MANIFEST
 from qflux.layout import CHECKPOINT_STATE as STATE
 from qflux.layout import CHECKPOINT_TRAINING as TRAINING
+
+CORE_FILES = frozenset({LORA, TRAINING, STATE, MANIFEST})
 
 
 @dataclass
@@ -78,11 +81,13 @@ def save_checkpoint(
     lr_scheduler: object,
     keep: int,
     lora_metadata: dict[str, str] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a checkpoint atomically, then delete all but the newest ``keep``.
 
     ``lora_metadata`` goes into the LoRA file's header (``lora.checkpoint_lora_metadata``: its alpha, so that
-    ``qflux sample --lora`` applies the checkpoint's LoRA at the trained strength).
+    ``qflux sample --lora`` applies the checkpoint's LoRA at the trained strength). ``extra_files`` (name ->
+    contents, from the run callbacks) are written with the others and listed in the manifest.
 
     The files are serialised in memory and written with plain file I/O, so that a full disk (or a read-only
     folder) surfaces as an ``OSError`` naming the file; it becomes a ``UserError`` saying which checkpoint is
@@ -99,7 +104,7 @@ def save_checkpoint(
         buffer = io.BytesIO()
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, buffer)
         payloads = {LORA: save_safetensors(lora, metadata=lora_metadata), TRAINING: buffer.getbuffer(),
-                    STATE: json.dumps(asdict(position), indent=2).encode()}
+                    STATE: json.dumps(asdict(position), indent=2).encode(), **(extra_files or {})}
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
         files = {}

@@ -14,14 +14,36 @@ from qflux.config.schema import QfluxConfig
 
 TRAIN_KEYS = {"batch_size", "grad_accum", "seed", "optimizer", "timestep_sampling"}
 
+# Fingerprinted keys added after checkpoints of earlier versions exist (key -> its default): left out while they
+# hold that default, so such a checkpoint still resumes (its run could only have meant the default), and a
+# fingerprint changes only when the new option is used. tests/training/test_resume_changes.py pins the
+# fingerprint of earlier versions' configs.
+ADDED_LATER: dict[str, Any] = {
+    "model.lora.dora": False,  # 0.5.0
+    "model.lora.rslora": False,  # 0.5.0
+}
+
+
+# Keys of the fingerprinted sections that cannot change a step's numbers (where weights live, not what they are):
+# free to change on --resume.
+NOT_FINGERPRINTED = ("model.offload_blocks",)
+
 
 def fingerprint_parts(config: QfluxConfig) -> dict[str, Any]:
-    return {
+    parts = {
         "trainer": config.trainer,
         "model": config.model.model_dump(mode="json"),
         "data": config.data.model_dump(mode="json"),
         "train": config.train.model_dump(mode="json", include=TRAIN_KEYS),
     }
+    for key in (*ADDED_LATER, *NOT_FINGERPRINTED):
+        *path, leaf = key.split(".")
+        section = parts
+        for name in path:
+            section = section[name]
+        if key in NOT_FINGERPRINTED or section.get(leaf) == ADDED_LATER[key]:
+            section.pop(leaf, None)
+    return parts
 
 
 def config_fingerprint(config: QfluxConfig) -> str:
@@ -41,5 +63,6 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 def differing_keys(old: QfluxConfig, new: QfluxConfig) -> list[str]:
     """``key: old -> new`` for every fingerprinted key where the two configs differ."""
     before, after = _flat(fingerprint_parts(old)), _flat(fingerprint_parts(new))
+    before, after = {**ADDED_LATER, **before}, {**ADDED_LATER, **after}
     return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
             if before.get(k) != after.get(k)]

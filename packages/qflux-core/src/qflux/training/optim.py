@@ -14,7 +14,14 @@ from qflux.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-BUILTIN_OPTIMIZERS = ("adamw", "adamw8bit")
+# Optimizers by name whose package is an optional extra: name -> (module, class, pip requirement). A missing
+# package is a ConfigError (exit 2) naming the extra, found in preflight before any work (check_optimizer).
+EXTRA_OPTIMIZERS = {
+    "prodigy": ("prodigyopt", "Prodigy", "qflux-core[optim]"),
+    "adamw_schedulefree": ("schedulefree", "AdamWScheduleFree", "qflux-core[optim]"),
+}
+# The names qflux builds itself (it passes them train.lr and train.weight_decay); anything else is an import path.
+BUILTIN_OPTIMIZERS = ("adamw", "adamw8bit", *EXTRA_OPTIMIZERS, "adafactor")
 # diffusers.optimization.SchedulerType values (checked against diffusers when a name is not among them)
 KNOWN_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                     "piecewise_constant")
@@ -23,6 +30,28 @@ KNOWN_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "c
 def _hint(name: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _missing_extra(name: str) -> ConfigError:
+    module, _, requirement = EXTRA_OPTIMIZERS[name]
+    return ConfigError(f"train.optimizer: {name} needs the package {module}, which is not installed: "
+                       f"pip install '{requirement}'")
+
+
+def _named_class(name: str) -> type:
+    """The class of an optimizer qflux knows by name (``prodigy``, ``adamw_schedulefree``, ``adafactor``)."""
+    if name == "adafactor":
+        import torch
+
+        if hasattr(torch.optim, "Adafactor"):  # torch >= 2.5
+            return torch.optim.Adafactor
+        from transformers.optimization import Adafactor
+
+        return Adafactor
+    module, class_name, _ = EXTRA_OPTIMIZERS[name]
+    if importlib.util.find_spec(module) is None:
+        raise _missing_extra(name)
+    return getattr(importlib.import_module(module), class_name)
 
 
 def _optimizer_class(name: str) -> type | None:
@@ -50,11 +79,14 @@ def _optimizer_class(name: str) -> type | None:
 
 def check_optimizer(train: TrainConfig) -> None:
     """Fail early (``ConfigError`` naming ``train.optimizer``) for an optimizer that cannot be built, without
-    building it: an unknown name, an import path that does not import, ``adamw8bit`` without bitsandbytes."""
+    building it: an unknown name, an import path that does not import, ``adamw8bit`` without bitsandbytes,
+    ``prodigy`` / ``adamw_schedulefree`` without their extra (``pip install 'qflux-core[optim]'``)."""
     if train.optimizer == "adamw8bit":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("train.optimizer: adamw8bit needs bitsandbytes: pip install bitsandbytes")
         return
+    if train.optimizer in EXTRA_OPTIMIZERS and importlib.util.find_spec(EXTRA_OPTIMIZERS[train.optimizer][0]) is None:
+        raise _missing_extra(train.optimizer)
     _optimizer_class(train.optimizer)
     if train.optimizer != "adamw" or train.optimizer_args:  # try the arguments on a one-element parameter
         import torch
@@ -79,8 +111,10 @@ def _scheduler_names() -> list[str]:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
-    """``adamw`` (torch), ``adamw8bit`` (bitsandbytes) or any optimizer class by import path
-    (``torch.optim.SGD``, ``prodigyopt.Prodigy``); ``train.optimizer_args`` are passed through."""
+    """``adamw`` (torch), ``adamw8bit`` (bitsandbytes), ``prodigy`` (prodigyopt), ``adamw_schedulefree``
+    (schedulefree), ``adafactor`` (torch's, else transformers') or any optimizer class by import path
+    (``torch.optim.SGD``); ``train.optimizer_args`` are passed through. The named ones get ``train.lr`` and
+    ``train.weight_decay``, an import path ``train.lr`` only."""
     import torch
 
     params = list(params)
@@ -97,11 +131,24 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig) ->
         except ImportError as err:
             raise ConfigError("train.optimizer: adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
         return bnb.optim.AdamW8bit(params, weight_decay=train.weight_decay, **kwargs)
-    cls = _optimizer_class(name)
+    if name in BUILTIN_OPTIMIZERS:
+        cls = _named_class(name)
+        kwargs = {"weight_decay": train.weight_decay, **kwargs}
+        if cls.__module__.startswith("transformers"):  # its Adafactor computes its own lr unless told not to
+            kwargs = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **kwargs}
+    else:
+        cls = _optimizer_class(name)
     try:
         return cls(params, **kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"train.optimizer_args: {name} rejected the arguments: {err}") from err
+
+
+def has_eval_mode(optimizer: object) -> bool:
+    """Whether the optimizer keeps its own train / eval weights (schedule-free: ``optimizer.train()`` /
+    ``optimizer.eval()``); ``optimizer`` may be accelerate's wrapper."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return callable(getattr(inner, "train", None)) and callable(getattr(inner, "eval", None))
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig):

@@ -110,10 +110,17 @@ def describe_changes(changes: list[Change], step: int) -> str:
         ", ".join(str(c) for c in changes)
 
 
+# The param-group entries the config sets (train.lr through the LR scheduler, train.weight_decay). The others
+# stay the checkpoint's: they are either fixed by train.optimizer_args (refused when changed) or state that
+# some optimizers keep in their param groups (Prodigy's d, d_max, k; schedule-free's k, weight_sum, lr_max,
+# train_mode), which a fresh optimizer would reset.
+CONFIG_ENTRIES = ("lr", "initial_lr", "weight_decay")
+
+
 def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """The hyper-parameters of each param group as the new config built them (call after building the LR
     scheduler, which adds ``initial_lr``, and before loading the checkpoint's state)."""
-    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return [{k: group[k] for k in CONFIG_ENTRIES if k in group} for group in optimizer.param_groups]
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, lr_scheduler, fresh: list[dict[str, Any]]) -> None:

@@ -17,6 +17,9 @@ class ValidationCase:
     request: SampleRequest
     target: Image.Image | None  # shown beside the sample when known
     mask: Image.Image | None = None  # white = edited (held-out samples with a mask): the fidelity metrics use it
+    # Trainer.encode_request's encoding of ``request`` (prompts, controls; tensors on CPU), made before the
+    # transformer loaded (``encode_cases``); None: the trainer encodes the raw request in Trainer.sample
+    encoded: Any = None
 
 
 def cases_from_config(config: QfluxConfig, holdout: list[EditSample],
@@ -59,8 +62,18 @@ def _default_size(config: QfluxConfig) -> tuple[int, int]:
     return config.data.resolution_spec.default_size
 
 
+def encode_cases(trainer: Any, encoders: Any, cases: list[ValidationCase], model: Any) -> None:
+    """Each case's ``encoded``: ``Trainer.encode_request`` of its request, with the loaded ``encoders`` (before
+    the transformer loads; the encoders can be freed after)."""
+    for case in cases:
+        case.encoded = trainer.encode_request(encoders, case.request, model)
+
+
 def render(bundle: ModelBundle, cases: list[ValidationCase]) -> list[Image.Image]:
-    return [bundle.trainer.sample(bundle, case.request) for case in cases]
+    """One image per case: from its encoding (``bundle.encoders`` is then ``Trainer.decoder``'s) when it has one,
+    else from the raw request with the whole encoders."""
+    return [bundle.trainer.sample(bundle, case.request, encoded=case.encoded) if case.encoded is not None
+            else bundle.trainer.sample(bundle, case.request) for case in cases]
 
 
 GAP = 4  # pixels between tiles and rows
@@ -69,11 +82,12 @@ FONT_SIZE = 12
 
 
 def grid(cases: list[ValidationCase], images: list[Image.Image], cell: int = 256, step: int | None = None,
-         notes: list[str] | None = None) -> Image.Image:
+         notes: list[str] | None = None, base: list[Image.Image] | None = None) -> Image.Image:
     """One row per case: controls | sample | target, each scaled to ``cell`` pixels high, with a band above
     naming the columns (reference / sample / target) and one below giving the step, the prompt and the row's
-    ``notes`` (e.g. its fidelity figures). PIL's default font: nothing to download. The tiles themselves are
-    never drawn on."""
+    ``notes`` (e.g. its fidelity figures). ``base``: the base model's image per case (the run's step-0 samples,
+    before any training), shown before the sample: controls | base | LoRA | target. PIL's default font: nothing
+    to download. The tiles themselves are never drawn on."""
     from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=FONT_SIZE)
@@ -81,8 +95,9 @@ def grid(cases: list[ValidationCase], images: list[Image.Image], cell: int = 256
     for i, (case, image) in enumerate(zip(cases, images)):
         controls = case.request.controls
         names = ["reference" if len(controls) == 1 else f"reference {k + 1}" for k in range(len(controls))]
-        tiles = [*controls, image] + ([case.target] if case.target is not None else [])
-        names += ["sample"] + (["target"] if case.target is not None else [])
+        before = [base[i]] if base is not None and i < len(base) else []
+        tiles = [*controls, *before, image] + ([case.target] if case.target is not None else [])
+        names += (["base", "LoRA"] if before else ["sample"]) + (["target"] if case.target is not None else [])
         tiles = [t.convert("RGB").resize((max(1, round(t.width * cell / t.height)), cell)) for t in tiles]
         width = sum(t.width for t in tiles) + GAP * (len(tiles) - 1)
         row = Image.new("RGB", (width, cell + 2 * LABEL_HEIGHT), "white")

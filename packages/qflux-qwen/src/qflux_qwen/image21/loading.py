@@ -72,7 +72,8 @@ class Image21Encoders:
     def to(self, device: Any) -> Image21Encoders:
         """Move the VAE and the text encoder to ``device`` (in place); returns self."""
         self.vae.to(device)
-        self.text_encoder.to(device)
+        if self.text_encoder is not None:  # Trainer.decoder's copy has none
+            self.text_encoder.to(device)
         return self
 
     def pipeline(self, transformer: Any = None, scheduler: Any = None) -> Any:

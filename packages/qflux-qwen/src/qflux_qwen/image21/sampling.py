@@ -10,10 +10,16 @@ The conditions are encoded at the size they are given (the data stage sized them
 multiples of 32), as ``Trainer.encode`` encodes training samples. The pipeline's KV cache (``use_kv_cache=True``,
 its default) reuses the text and condition keys across steps: the same result up to float rounding. Noise comes
 from a CPU generator seeded with ``request.seed``.
+
+Encoders never beside the transformer: ``encode_request`` (``Trainer.encode_request``) runs the encoder half
+before the transformer loads (prompt and negative prompt with the conditions, each condition through the VAE),
+``decoder`` keeps the VAE and the scheduler config only, and ``sample(..., encoded=...)`` denoises and decodes
+from them. A raw request is encoded first with the whole encoders, so both ways give the same image.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,8 +32,20 @@ from qflux_qwen.image21.predict import forward
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
-    from qflux.plugin_api import ModelBundle, SampleRequest
+    from qflux.plugin_api import Grid, ModelBundle, ModelConfig, SampleRequest
     from qflux_qwen.image21.loading import Image21Encoders
+
+
+@dataclass
+class Image21Encoded:
+    """``encode_request``'s result, tensors on CPU: prompt states ``hidden`` [1, L, D] and image ``slots`` [1, L]
+    (the negative prompt's too, true CFG only), each condition's flattened latents [1, N, 64] and grid."""
+
+    hidden: torch.Tensor
+    slots: torch.Tensor
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None
+    conditions: list[torch.Tensor] = field(default_factory=list)
+    condition_grids: list[Grid] = field(default_factory=list)
 
 
 def _size(request: SampleRequest) -> tuple[int, int]:
@@ -77,25 +95,51 @@ def decode(pipe: object, latents: torch.Tensor, height: int, width: int) -> Imag
 
 
 @torch.no_grad()
-def sample(bundle: ModelBundle, request: SampleRequest) -> Image:
+def encode_request(encoders: Image21Encoders, request: SampleRequest, model: ModelConfig) -> Image21Encoded:
+    """``Trainer.encode_request``: prompt(s) and conditions encoded as ``sample`` encodes them, on the CPU."""
+    _size(request)
+    pipe = encoders.pipeline()
+    conditions = [rgba(c) for c in request.controls]
+    hidden, slots = encode_prompt(pipe, request.prompt, conditions)
+    encoded = Image21Encoded(hidden.cpu(), slots.cpu())
+    if request.true_cfg > 1:
+        negative = encode_prompt(pipe, request.negative_prompt, conditions)
+        encoded.negative = (negative[0].cpu(), negative[1].cpu())
+    for condition in conditions:
+        packed, grid = encode_image(pipe, condition)
+        encoded.conditions.append(packed.cpu())
+        encoded.condition_grids.append(grid)
+    return encoded
+
+
+def decoder(encoders: Image21Encoders) -> Image21Encoders:
+    """``Trainer.decoder``: the VAE, the scheduler config and the sampling grid, without the text encoder (the
+    processor stays: no weights, and the pipeline's constructor reads its chat template)."""
+    return replace(encoders, text_encoder=None)
+
+
+@torch.no_grad()
+def sample(bundle: ModelBundle, request: SampleRequest, encoded: Image21Encoded | None = None) -> Image:
+    """``Trainer.sample``. ``encoded``: ``encode_request``'s (``bundle.encoders`` may then be ``decoder``'s);
+    None: the request is encoded here with the encoders (loaded when the bundle has none)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     height, width = _size(request)
     encoders = _encoders(bundle)
+    if encoded is None:
+        encoded = encode_request(encoders, request, bundle.model)
+    if request.true_cfg > 1 and encoded.negative is None:
+        raise ValueError("the request was encoded without its negative prompt (true_cfg <= 1 then)")
     transformer = bundle.transformer
     device = device_of(transformer)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(encoders.scheduler_config)
     pipe = encoders.pipeline(transformer=unwrap(transformer), scheduler=scheduler)
-    conditions = [rgba(c) for c in request.controls]
 
     with eval_mode(transformer):
-        hidden, slots = encode_prompt(pipe, request.prompt, conditions)
-        negative = encode_prompt(pipe, request.negative_prompt, conditions) if request.true_cfg > 1 else None
-        cond_latents, cond_grids = [], []
-        for condition in conditions:
-            packed, grid = encode_image(pipe, condition)
-            cond_latents.append(packed.to(device))
-            cond_grids.append(grid)
+        hidden, slots = encoded.hidden, encoded.slots
+        negative = encoded.negative if request.true_cfg > 1 else None
+        cond_latents = [packed.to(device) for packed in encoded.conditions]
+        cond_grids = list(encoded.condition_grids)
         generator = torch.Generator("cpu").manual_seed(int(request.seed))
         channels = unwrap(transformer).config.in_channels
         latents, _ = pipe.prepare_latents(None, 1, channels, height, width, hidden.dtype, torch.device("cpu"),

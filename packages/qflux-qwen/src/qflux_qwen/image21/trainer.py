@@ -76,7 +76,17 @@ class Image21Trainer(Trainer):
 
         return predict(transformer, batch, noisy)
 
-    def sample(self, bundle: ModelBundle, request: SampleRequest) -> Image:
+    def encode_request(self, encoders: Any, request: SampleRequest, model: ModelConfig) -> Any:
+        from qflux_qwen.image21.sampling import encode_request
+
+        return encode_request(encoders, request, model)
+
+    def decoder(self, encoders: Any, tiling: bool) -> Any:
+        from qflux_qwen.image21.sampling import decoder
+
+        return super().decoder(decoder(encoders), tiling)
+
+    def sample(self, bundle: ModelBundle, request: SampleRequest, encoded: Any = None) -> Image:
         from qflux_qwen.image21.sampling import sample
 
-        return sample(bundle, request)
+        return sample(bundle, request, encoded)
