@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from qflux.config.load import validate
@@ -60,6 +61,111 @@ def test_ai_toolkit_refuses_a_model_it_cannot_train(tmp_path):
     job["config"]["process"][0]["model"]["arch"] = "wan21"
     with pytest.raises(ConfigError, match="wan21 has no qflux trainer"):
         from_ai_toolkit(job, tmp_path / "job.yaml")
+
+
+def _kontext_job(network: dict | None = None, **train) -> dict:
+    job = _job("ai-toolkit-kontext.yaml")
+    process = job["config"]["process"][0]
+    if network is not None:
+        process["network"] = network
+    process["train"].update(train)
+    return job
+
+
+def _lokr_factors(options: dict) -> tuple[dict, float]:
+    """The factors peft's LoKr gives a tiny FLUX's ``to_q`` (32 -> 32) with the imported options, and its scale."""
+    from diffusers import FluxTransformer2DModel
+
+    from qflux.adapters import lycoris_files
+    from qflux.adapters.lycoris import LokrOptions
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=0,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    lycoris_files.attach(model, "lokr", LokrOptions.model_validate(options))
+    state = lycoris_files.state_dict(model, "lokr")
+    prefix = "transformer_blocks.0.attn.to_q."
+    return ({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
+            model.transformer_blocks[0].attn.to_q.scaling["default"])
+
+
+def test_ai_toolkit_full_rank_lokr_becomes_qflux_lokr_with_full_factors():
+    # ai-toolkit's README LoKr: full rank, factor 8 (its quantized base is left out: qflux's LoKr needs full precision)
+    network = {"type": "lokr", "lokr_full_rank": True, "lokr_factor": 8, "linear": 16, "linear_alpha": 16}
+    result = from_ai_toolkit(_kontext_job(network), PEERS / "ai-toolkit-kontext.yaml")
+    config = validate(result.config, "import")
+    assert config.model.adapter == "lokr" and config.model.quantize is None
+    assert config.model.adapter_options == {"init": "lycoris", "rank": 9_999_999_999, "alpha": 9_999_999_999.0,
+                                            "decompose_factor": 8}
+    notes = "\n".join(result.not_carried)
+    assert "model.quantize=fp8" in notes and "network.type" not in notes and "network.lokr" not in notes
+    # ai-toolkit's LokrModule on a 32 -> 32 Linear with factor 8: sides 32 = 8 x 4, w1 (8, 8) and w2 (4, 4), both
+    # full matrices, w2 at zero, scale 1
+    factors, scale = _lokr_factors(config.model.adapter_options)
+    assert {k: tuple(v.shape) for k, v in factors.items()} == {"lokr_w1": (8, 8), "lokr_w2": (4, 4)}
+    assert not factors["lokr_w2"].any() and factors["lokr_w1"].any() and scale == 1.0
+
+
+def test_ai_toolkit_lokr_rank_alpha_and_factor():
+    network = {"type": "lokr", "linear": 2, "linear_alpha": 1, "lokr_factor": -1, "conv": 4}
+    result = from_ai_toolkit(_kontext_job(network), PEERS / "ai-toolkit-kontext.yaml")
+    config = validate(result.config, "import")
+    assert config.model.adapter_options == {"init": "lycoris", "rank": 2, "alpha": 1.0, "decompose_factor": -1}
+    notes = "\n".join(result.not_carried)
+    assert "network.conv:" in notes and "network.linear_alpha=1" in notes  # full factors: ai-toolkit's scale is 1
+    # near the square root: 32 = 4 x 8; w2 (8 x 8) decomposed at rank 2 (2 < 8 / 2), scale alpha / rank
+    factors, scale = _lokr_factors(config.model.adapter_options)
+    assert {k: tuple(v.shape) for k, v in factors.items()} == {"lokr_w1": (4, 4), "lokr_w2_a": (8, 2),
+                                                               "lokr_w2_b": (2, 8)}
+    assert not factors["lokr_w2_b"].any() and scale == 0.5
+
+
+def test_ai_toolkit_prodigy_runs_at_ai_toolkits_lr_and_eps():
+    pytest.importorskip("prodigyopt")
+    from qflux.training.optim import build_optimizer
+
+    job = _kontext_job(optimizer="prodigy", optimizer_params={"weight_decay": 0.01, "d_coef": 2})
+    result = from_ai_toolkit(job, PEERS / "ai-toolkit-kontext.yaml")
+    config = validate(result.config, "import")
+    assert (config.train.optimizer, config.train.lr, config.train.weight_decay) == ("prodigy", 1.0, 0.01)
+    assert config.train.optimizer_args == {"eps": 1e-6, "d_coef": 2}
+    assert "train.lr=1e-4: ai-toolkit runs Prodigy at lr 1.0" in "\n".join(result.not_carried)
+    group = build_optimizer([torch.nn.Parameter(torch.zeros(2))], config.train).param_groups[0]
+    assert (group["lr"], group["eps"], group["weight_decay"], group["d_coef"]) == (1.0, 1e-6, 0.01, 2)
+    # no optimizer_params: Prodigy's own weight decay (0), not qflux's default
+    plain = validate(from_ai_toolkit(_kontext_job(optimizer="Prodigy", lr=0.5), PEERS / "x.yaml").config, "import")
+    assert (plain.train.optimizer, plain.train.lr, plain.train.weight_decay) == ("prodigy", 0.5, 0.0)
+
+
+def test_ai_toolkit_adafactor_is_transformers_with_a_fixed_lr():
+    from qflux.training.optim import build_optimizer
+
+    result = from_ai_toolkit(_kontext_job(optimizer="adafactor", optimizer_params={"weight_decay": 0.01}),
+                             PEERS / "ai-toolkit-kontext.yaml")
+    config = validate(result.config, "import")
+    assert config.train.optimizer == "transformers.optimization.Adafactor"
+    assert config.train.optimizer_args == {"scale_parameter": False, "relative_step": False, "warmup_init": False,
+                                           "weight_decay": 0.01}
+    assert "train.optimizer=adafactor: imported as" in "\n".join(result.not_carried)
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    optimizer = build_optimizer([param], config.train)
+    param.grad = torch.ones(4, 4)
+    optimizer.step()  # ai-toolkit's update: the RMS-normalised gradient times lr, from zero weights too
+    torch.testing.assert_close(param.detach(), torch.full((4, 4), -1e-4))
+
+
+def test_ai_toolkit_optimizers_without_an_equivalent_stay_reported():
+    result = from_ai_toolkit(_kontext_job(optimizer="prodigy8bit", optimizer_params={"d_coef": 2}), PEERS / "x.yaml")
+    config = validate(result.config, "import")
+    assert config.train.optimizer == "adamw" and config.train.optimizer_args == {}
+    notes = "\n".join(result.not_carried)
+    assert "train.optimizer=prodigy8bit: no qflux equivalent" in notes
+    assert "train.optimizer_params: the optimizer was not imported" in notes
+    adamw = from_ai_toolkit(_kontext_job(optimizer="adamw", optimizer_params={"weight_decay": 0.05,
+                                                                              "betas": [0.9, 0.99]}), PEERS / "x.yaml")
+    config = validate(adamw.config, "import")
+    assert (config.train.weight_decay, config.train.optimizer_args) == (0.05, {"betas": [0.9, 0.99]})
 
 
 def test_musubi_dataset_and_arguments(tmp_path):

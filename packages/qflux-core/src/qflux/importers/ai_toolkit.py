@@ -2,11 +2,12 @@
 
 What maps (ai-toolkit key -> qflux key): ``model.arch`` -> ``trainer``, ``model.name_or_path`` ->
 ``model.pretrained``, ``model.quantize``/``qtype`` -> ``model.quantize``, ``network.linear``/``linear_alpha`` ->
-``model.lora.rank``/``alpha``, the first dataset's ``folder_path`` / ``control_path`` (+ ``control_path2``, ...)
-/ ``mask_path`` / ``caption_dropout_rate`` / ``resolution`` -> ``data.*``, ``train.*`` (steps, batch size,
-accumulation, lr, optimizer, scheduler, warm-up, gradient checkpointing, dtype, timestep type), ``save.*`` ->
-checkpoint cadence, ``sample.*`` -> ``validation.*``, ``training_folder``/``name`` -> ``output.dir``.
-Everything else is listed as not carried over.
+``model.lora.rank``/``alpha`` (``network.type: lokr`` with ``lokr_factor`` / ``lokr_full_rank``: ``model.adapter:
+lokr`` and its ``model.adapter_options``), the first dataset's ``folder_path`` / ``control_path`` (+
+``control_path2``, ...) / ``mask_path`` / ``caption_dropout_rate`` / ``resolution`` -> ``data.*``, ``train.*``
+(steps, batch size, accumulation, lr, optimizer and ``optimizer_params``, scheduler, warm-up, gradient
+checkpointing, dtype, timestep type), ``save.*`` -> checkpoint cadence, ``sample.*`` -> ``validation.*``,
+``training_folder``/``name`` -> ``output.dir``. Everything else is listed as not carried over.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float1
 IGNORED = {"device", "performance_log_every", "type", "noise_scheduler", "train_unet", "sampler", "walk_seed",
            "cache_latents_to_disk", "cache_latents", "cache_text_embeddings", "caption_ext", "low_vram"}
 _CTRL_IMG = re.compile(r"\s--ctrl_img(\d*)\s+(\S+)")
+# network.lokr_full_rank: ai-toolkit sets the rank and alpha to this. A rank of at least half the larger Kronecker
+# factor makes both factors full matrices (LyCORIS' rule, which peft follows), and alpha = rank keeps the scale at
+# 1, as ai-toolkit's full factors have it
+FULL_RANK = 9_999_999_999
+# ai-toolkit's adafactor is transformers' Adafactor (its own copy) with a fixed, external lr. qflux's `adafactor` is
+# torch.optim.Adafactor on torch >= 2.5, whose step also scales with the weights' RMS and 1/sqrt(step) (a LoRA's
+# zero-initialised factor would hardly move at lr 1e-4), so the import names transformers' class and its switches
+ADAFACTOR = "transformers.optimization.Adafactor"
+ADAFACTOR_ARGS = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
 
 
 def from_ai_toolkit(job: Any, source: Path) -> ImportResult:
@@ -46,6 +56,7 @@ def from_ai_toolkit(job: Any, source: Path) -> ImportResult:
     result = ImportResult()
     _model(process.get("model") or {}, result)
     _network(process.get("network") or {}, result)
+    _lokr_base(result)
     _datasets(process.get("datasets") or [], result)
     _train(process.get("train") or {}, result)
     _save(process.get("save") or {}, result)
@@ -98,14 +109,56 @@ def _model(model: dict[str, Any], result: ImportResult) -> None:
 
 def _network(network: dict[str, Any], result: ImportResult) -> None:
     kind = str(network.get("type") or "lora").lower()
+    if kind == "lokr":
+        _lokr(network, result)
+        return
     if kind != "lora":
-        result.skip(f"network.type={kind}", "qflux trains LoRA only (imported as a LoRA of the same rank)")
+        result.skip(f"network.type={kind}", "qflux imports ai-toolkit's lora and lokr networks (imported as a LoRA of "
+                                            "the same rank)")
     if "linear" in network:
         result.set("model.lora.rank", int(network["linear"]))
     if "linear_alpha" in network:
         result.set("model.lora.alpha", float(network["linear_alpha"]))
     for key in sorted(set(network) - {"type", "linear", "linear_alpha"}):
         result.skip(f"network.{key}", "no qflux equivalent (model.lora.targets names the layers to adapt)")
+
+
+def _lokr(network: dict[str, Any], result: ImportResult) -> None:
+    """ai-toolkit's LoKr (LyCORIS' ``LokrModule``) as qflux's (peft's): the same factorization of each side by
+    ``lokr_factor``, the same initialisation (w2 starts at zero: ``init: lycoris``), the rank and alpha of
+    ``linear`` / ``linear_alpha``, or both factors full with ``lokr_full_rank`` (which overrides them, as in
+    ai-toolkit)."""
+    result.set("model.adapter", "lokr")
+    options: dict[str, Any] = {"init": "lycoris"}
+    if network.get("lokr_full_rank"):
+        options.update(rank=FULL_RANK, alpha=float(FULL_RANK))
+    else:
+        if "linear" in network:
+            options["rank"] = int(network["linear"])
+        if "linear_alpha" in network:
+            options["alpha"] = float(network["linear_alpha"])
+        if "rank" in options and options.get("alpha", options["rank"]) != options["rank"]:
+            result.skip(f"network.linear_alpha={network['linear_alpha']}",
+                        "ai-toolkit scales a layer whose two Kronecker factors are both full matrices (rank >= half "
+                        "the larger factor) by 1 whatever the alpha; qflux scales every layer by alpha / rank")
+    factor = int(network.get("lokr_factor", -1))
+    if factor == -1 or factor >= 1:
+        options["decompose_factor"] = factor
+    else:
+        result.skip(f"network.lokr_factor={factor}", "qflux's decompose_factor is -1 (near the square root) or >= 1")
+    result.set("model.adapter_options", options)
+    for key in sorted(set(network) - {"type", "linear", "linear_alpha", "lokr_full_rank", "lokr_factor"}):
+        result.skip(f"network.{key}", "no qflux equivalent (model.adapter_options.targets names the layers to adapt)")
+
+
+def _lokr_base(result: ImportResult) -> None:
+    """qflux's LoKr wraps full-precision Linear layers only (``model.adapter: lokr`` refuses ``model.quantize``):
+    the adapter is what the job trains, so the quantization is the setting left out."""
+    quantize = result.get("model.quantize")
+    if result.get("model.adapter") == "lokr" and quantize:
+        del result.config["model"]["quantize"]
+        result.skip(f"model.quantize={quantize}", "qflux's LoKr trains on a full-precision transformer (more memory "
+                                                  "than ai-toolkit's quantized base)")
 
 
 def _control_paths(dataset: dict[str, Any]) -> list[str]:
@@ -167,9 +220,7 @@ def _train(train: dict[str, Any], result: ImportResult) -> None:
             value = train[key]
             result.set(target, float(value) if key in ("lr", "max_grad_norm") else value)
     if "optimizer" in train:
-        name = optimizer_name(str(train["optimizer"]), result, "train.optimizer")
-        if name:
-            result.set("train.optimizer", name)
+        _optimizer(train, result)
     if train.get("gradient_checkpointing"):
         result.set("model.gradient_checkpointing", True)
     if "dtype" in train:
@@ -189,10 +240,58 @@ def _train(train: dict[str, Any], result: ImportResult) -> None:
         result.skip("train.train_text_encoder", "qflux trains the transformer's LoRA only")
     if (train.get("ema_config") or {}).get("use_ema"):
         result.skip("train.ema_config", "EMA is not in qflux yet")
-    handled = set(simple) | {"optimizer", "gradient_checkpointing", "dtype", "timestep_type", "train_text_encoder",
-                             "ema_config"}
+    handled = set(simple) | {"optimizer", "optimizer_params", "gradient_checkpointing", "dtype", "timestep_type",
+                             "train_text_encoder", "ema_config"}
     for key in sorted(set(train) - handled - IGNORED):
         result.skip(f"train.{key}", "no qflux equivalent")
+
+
+def _optimizer(train: dict[str, Any], result: ImportResult) -> None:
+    """``train.optimizer`` (+ ``optimizer_params``) as qflux builds the same optimizer: ai-toolkit's
+    ``get_optimizer`` rules for the ones qflux has by name, the shared table for the rest."""
+    raw, params = str(train["optimizer"]), dict(train.get("optimizer_params") or {})
+    kind = raw.strip().lower()
+    if kind == "prodigy":
+        _prodigy(train, params, result)
+    elif kind == "adafactor":
+        result.set("train.optimizer", ADAFACTOR)
+        result.set("train.optimizer_args", {**ADAFACTOR_ARGS, **params})  # an import path: every argument here
+        result.skip(f"train.optimizer={raw}", f"imported as train.optimizer: {ADAFACTOR} (ai-toolkit's update, lr "
+                                              "as given); qflux's adafactor is torch's, which scales each step by the "
+                                              "weights' RMS and 1/sqrt(step)")
+    else:
+        name = None
+        if kind.startswith("prodigy"):  # prodigy8bit: ai-toolkit's own 8-bit state
+            result.skip(f"train.optimizer={raw}", "no qflux equivalent (ai-toolkit's own optimizer); train.optimizer: "
+                                                  "prodigy is the same update with float32 state (kept: adamw)")
+        else:
+            name = optimizer_name(raw, result, "train.optimizer")
+        if name:
+            result.set("train.optimizer", name)
+            _optimizer_params(params, result, by_name="." not in name)
+        elif params:
+            result.skip("train.optimizer_params", "the optimizer was not imported")
+
+
+def _prodigy(train: dict[str, Any], params: dict[str, Any], result: ImportResult) -> None:
+    """ai-toolkit runs Prodigy at lr 1.0 when ``lr`` is below 0.1 (Prodigy finds its step size; lr scales it) and
+    with eps 1e-6; qflux's ``prodigy`` takes train.lr, train.weight_decay and optimizer_args as given."""
+    result.set("train.optimizer", "prodigy")
+    lr = float(train.get("lr", 1e-6))  # ai-toolkit's default lr
+    if lr < 0.1:
+        result.set("train.lr", 1.0)
+        result.skip(f"train.lr={train.get('lr', 1e-6)}", "ai-toolkit runs Prodigy at lr 1.0 when lr < 0.1: "
+                                                         "imported as train.lr: 1.0")
+    _optimizer_params({"eps": 1e-6, "weight_decay": 0.0, **params}, result)
+
+
+def _optimizer_params(params: dict[str, Any], result: ImportResult, by_name: bool = True) -> None:
+    """ai-toolkit's ``optimizer_params`` as ``train.optimizer_args``, but ``weight_decay`` for an optimizer qflux
+    builds by name: that is ``train.weight_decay``, which qflux passes itself (an import path gets lr only)."""
+    if by_name and "weight_decay" in params:
+        result.set("train.weight_decay", float(params.pop("weight_decay")))
+    if params:
+        result.set("train.optimizer_args", params)
 
 
 def _save(save: dict[str, Any], result: ImportResult) -> None:
