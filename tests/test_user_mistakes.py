@@ -246,6 +246,13 @@ def _(tmp):
         "model.offload_blocks: -2 is negative; give a number of blocks (0 = off) or auto"]
 
 
+@case("run-does-not-fit")
+def _(tmp):
+    # 16384 px: hundreds of GiB of activations for even the tiny model; refused before anything is loaded
+    return train_args(config(tmp), "--set", "data.resolution=16384"), [
+        "GiB at its peak (phase train; qflux plan shows the parts)", "settings that fit:"]
+
+
 @case("offload-blocks-with-fsdp")
 def _(tmp):
     return train_args(config(tmp), "--set", "model.offload_blocks=2", "--set", "train.fsdp=true"), [

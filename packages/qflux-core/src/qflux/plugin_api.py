@@ -6,7 +6,7 @@ the core's own and may change in any release; the names below change only with a
 
 - registration: ``hookimpl``, the base classes ``Trainer`` (``Unsupported``), ``Quantizer`` and ``Adapter``
   (``state_digest``, ``STATE_DIGEST``), the run-callback events, ``TrainerInfo``,
-  ``QuantizerInfo``, ``ConditionSizing``;
+  ``QuantizerInfo``, ``ConditionSizing``, ``MemoryProfile``;
 - the data that crosses into a trainer: ``EditSample``, ``EncodedSample``, ``PromptEmbeds``, ``Batch``,
   ``NoisyInput``, ``ModelBundle``, ``SampleRequest``, ``Grid``, and the config models ``ModelConfig`` and
   ``QfluxConfig``;
@@ -54,6 +54,7 @@ from qflux.types import (
     EditSample,
     EncodedSample,
     Grid,
+    MemoryProfile,
     ModelBundle,
     NoisyInput,
     PromptEmbeds,
@@ -85,6 +86,7 @@ __all__ = [
     "TrainerInfo",
     "QuantizerInfo",
     "ConditionSizing",
+    "MemoryProfile",
     # data
     "EditSample",
     "EncodedSample",

@@ -43,3 +43,10 @@ class Quantizer(ABC):
         """Quantize the frozen ``transformer`` in place or return a replacement (``model.quantize_skip`` lists
         module name patterns to keep in full precision)."""
         raise NotImplementedError(f"{type(self).__name__}.quantize")
+
+    def planned_bytes(self, transformer: torch.nn.Module, model: ModelConfig) -> dict[str, int] | None:
+        """For ``qflux plan``: the layers ``quantize`` would replace in ``transformer`` (a meta-device model:
+        read shapes only) and the bytes each one's weight takes once quantized, side storage included
+        (scales, absmax statistics), by qualified module name. None (the default): not known; the planner
+        then counts the weights unquantized and says so."""
+        return None

@@ -86,3 +86,26 @@ def spied_registry(*spies: Any, trainer: str | None = None, **build: Any) -> Any
             if around:
                 wrap_trainer(registry, name, **around)
     return registry
+
+
+def probed_step(config: Any, trainer: str) -> Any:
+    """Train ``config`` (one step is enough) with a ``SavedBytesProbe`` on the first forward of ``trainer``'s
+    transformer; returns the probe (the activation calibration of ``qflux.plan``: tests/plan and
+    benchmarks/calibrate_activations.py)."""
+    from qflux.plan.probe import SavedBytesProbe
+    from qflux.run.train import train
+    from qflux.training.sharding import blocks_of
+
+    seen: dict[str, Any] = {}
+
+    class Probe:
+        def predict(self, inner, transformer, batch, noisy, model_config):
+            if "probe" in seen:
+                return inner(transformer, batch, noisy, model_config)
+            seen["probe"] = SavedBytesProbe(blocks_of(transformer))
+            with seen["probe"].watch(transformer):
+                return inner(transformer, batch, noisy, model_config)
+
+    with single_torch_thread():
+        train(config, registry=spied_registry(Probe(), trainer=trainer))
+    return seen["probe"]

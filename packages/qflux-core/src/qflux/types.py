@@ -61,6 +61,21 @@ class ConditionSizing:
 
 
 @dataclass(frozen=True)
+class MemoryProfile:
+    """What ``qflux plan`` needs to know of a trainer's model beyond its weights (``TrainerInfo.memory``).
+
+    ``activations``: per repeated-block class (its ``__name__``), the bytes autograd keeps for backward per
+    token, per unit of the block's width and per byte of the activation dtype. Measured, not derived: a real
+    step of the trainer's ``builtin:tiny`` model under ``qflux.plan.probe.SavedBytesProbe``
+    (``benchmarks/calibrate_activations.py`` prints them; tests/plan checks the declared ones against a step).
+    ``text_tokens``: the prompt length the transformer sees when ``model.max_sequence_length`` is not set.
+    """
+
+    activations: tuple[tuple[str, float], ...] = ()
+    text_tokens: int = 512
+
+
+@dataclass(frozen=True)
 class TrainerInfo:
     """What the core needs to know of a trainer without loading anything (``Trainer.info``)."""
 
@@ -79,6 +94,8 @@ class TrainerInfo:
     # reference dropout (data.reference_dropout) then needs the prompt encoded with every subset of the controls
     # (``EncodedSample.subset_prompts``, made by the core through ``Trainer.encode``)
     prompt_sees_controls: bool = False
+    # activation coefficients and prompt length for ``qflux plan``; None: the planner's conservative defaults
+    memory: MemoryProfile | None = None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qflux.plugin_api import ConditionSizing, TrainerInfo
+from qflux.plugin_api import ConditionSizing, MemoryProfile, TrainerInfo
 
 FAMILY = "flux2"
 REFERENCE_AREA = 1024 * 1024  # Flux2Pipeline.__call__: a reference above this area is shrunk to it
@@ -55,6 +55,9 @@ class Flux2Variant:
             default_model=self.default_model,
             max_controls=MAX_REFERENCES,
             condition_sizing=ConditionSizing(area=REFERENCE_AREA, multiple=MULTIPLE, shrink_only=True),
+            # measured: benchmarks/calibrate_activations.py (builtin:tiny, LoRA on the default targets)
+            memory=MemoryProfile(activations=(("Flux2TransformerBlock", 16.8), ("Flux2SingleTransformerBlock", 16.3)),
+                                 text_tokens=512),
         )
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qflux import hookimpl
-from qflux.plugin_api import ConditionSizing, Trainer, TrainerInfo
+from qflux.plugin_api import ConditionSizing, MemoryProfile, Trainer, TrainerInfo
 from qflux_kontext.options import KontextOptions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,6 +40,9 @@ INFO = TrainerInfo(
     default_model="black-forest-labs/FLUX.1-Kontext-dev",
     max_controls=3,
     condition_sizing=CONDITION_SIZING,
+    # measured: benchmarks/calibrate_activations.py (builtin:tiny, LoRA on the default targets)
+    memory=MemoryProfile(activations=(("FluxTransformerBlock", 12.7), ("FluxSingleTransformerBlock", 12.3)),
+                         text_tokens=512),
 )
 
 

@@ -36,6 +36,11 @@ class MethodQuantizer(Quantizer):
         quantized, _report = quantize_transformer(transformer, self.method.name, model)
         return quantized
 
+    def planned_bytes(self, transformer: torch.nn.Module, model: ModelConfig) -> dict[str, int]:
+        from qflux_quant.planning import planned_bytes
+
+        return planned_bytes(transformer, self.method.name, model.quantize_skip)
+
 
 QUANTIZERS: dict[str, MethodQuantizer] = {name: MethodQuantizer(method) for name, method in METHODS.items()}
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qflux.plugin_api import ConditionSizing, TrainerInfo
+from qflux.plugin_api import ConditionSizing, MemoryProfile, TrainerInfo
 
 FAMILY = "qwen-image"
 VL_AREA_PLUS = 384 * 384  # diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE
@@ -61,6 +61,8 @@ class QwenVariant:
             max_controls=self.max_controls,
             condition_sizing=self.condition_sizing,
             prompt_sees_controls=True,  # Qwen2.5-VL sees the controls: reference dropout encodes each subset
+            # measured: benchmarks/calibrate_activations.py; the prompt: the user text + ~190 VL tokens per control
+            memory=MemoryProfile(activations=(("QwenImageTransformerBlock", 12.6),), text_tokens=300),
         )
 
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from qflux.cli import cache_cmd, config_cmd, data_cmd, import_cmd, plugins_cmd, sample_cmd, train_cmd
+from qflux.cli import cache_cmd, config_cmd, data_cmd, import_cmd, plan_cmd, plugins_cmd, sample_cmd, train_cmd
 from qflux.errors import QfluxError
 
 # errno values of a failed write that the user fixes (disk full, quota, read-only file system, ulimit -f)
@@ -29,6 +29,7 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(data_cmd.app, name="data")
 app.command("train")(train_cmd.train)
 app.command("sample")(sample_cmd.sample)
+app.command("plan")(plan_cmd.plan)
 app.add_typer(cache_cmd.app, name="cache")
 app.add_typer(import_cmd.app, name="import")
 

@@ -15,7 +15,9 @@ then leaves nothing behind (no ``output.dir``, no cache folder). What is checked
    named);
 4. the images of ``validation.samples`` exist and decode (1, 2 and 4 are ``check_config``: all of ``qflux
    config check``, and the first part of ``qflux data check``);
-5. the dataset: everything ``qflux data check`` reports is fatal (``qflux.data.check.validate_dataset``).
+5. the dataset: everything ``qflux data check`` reports is fatal (``qflux.data.check.validate_dataset``);
+6. memory: the run's plan (``qflux plan``) fits the accelerator's free memory, or without one the host's
+   available RAM; ``model.offload_blocks: auto`` becomes the smallest count that fits (``qflux.plan.check``).
 """
 
 from __future__ import annotations
@@ -130,7 +132,19 @@ def check_run(config: QfluxConfig, registry: Registry, resume: bool | Path = Fal
     check_output(config, resume, registry.adapter(config.model.adapter).file_name)
     if config.cache.enabled:
         check_writable(Path(config.cache.dir), "cache.dir")
-    return check_data(config, registry)
+    from qflux.plan.check import check_memory
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    check_memory(config, registry, None, world)  # one reference per sample: a run that cannot fit even so
+    records = check_data(config, registry)  # is refused before the dataset is read at its resolution
+    if check_memory_again(records):
+        check_memory(config, registry, records, world)
+    return records
+
+
+def check_memory_again(records: list[Any]) -> bool:
+    """Samples with more than one control: the plan grows with the references, so it is made again."""
+    return any(len(getattr(r, "controls", ()) or ()) > 1 for r in records or ())
 
 
 def check_cache_run(config: QfluxConfig, registry: Registry) -> list[Any]:

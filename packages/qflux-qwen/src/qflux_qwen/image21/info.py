@@ -14,7 +14,7 @@ Facts of ``QwenImage21Pipeline`` (diffusers 0.42.1) the stages rely on:
 
 from __future__ import annotations
 
-from qflux.plugin_api import ConditionSizing, TrainerInfo
+from qflux.plugin_api import ConditionSizing, MemoryProfile, TrainerInfo
 
 NAME = "qwen-image-2.1"
 PIPELINE = "diffusers.QwenImage21Pipeline"
@@ -34,4 +34,5 @@ INFO = TrainerInfo(
     needs_controls=False,  # text-to-image and image-conditioned generation are one model
     condition_sizing=ConditionSizing(area=CONDITION_AREA, multiple=SIDE_MULTIPLE),
     prompt_sees_controls=True,
+    memory=MemoryProfile(activations=(("QwenImage21TransformerBlock", 23.3),), text_tokens=300),  # measured: benchmarks/calibrate_activations.py
 )
