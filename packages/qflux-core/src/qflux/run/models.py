@@ -51,7 +51,18 @@ class TrainingModels:
 
 
 def training_models(selection: Selection, config: QfluxConfig) -> TrainingModels:
-    """The base (quantized), gradient checkpointing when asked, the adapter attached."""
+    """The base (quantized), gradient checkpointing when asked, the adapter attached.
+
+    ``train.fsdp`` over several processes on a local diffusers folder: the base is sharded as it is read, each
+    process reading only its rows (``qflux.training.sharded_load``); ``builtin:tiny`` and hub ids load whole
+    here and are sharded later (``qflux.training.strategy``)."""
+    if config.train.fsdp:
+        from qflux.training.sharded_load import load_sharded, sharded_world
+
+        found = sharded_world(config)
+        if found is not None:
+            transformer, params, _ = load_sharded(selection, config, found[1])
+            return TrainingModels(transformer, params)
     transformer = load_base(selection, config)
     if config.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

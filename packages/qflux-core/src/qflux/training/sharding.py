@@ -93,15 +93,19 @@ def shard_frozen_base(transformer: nn.Module, trainable: list[nn.Parameter], dev
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    keep = {id(p) for p in trainable}
+    total = sum(p.numel() for p in transformer.parameters() if id(p) not in keep)
+    blocks = blocks_of(transformer)
+    if isinstance(transformer, FSDPModule):  # sharded as it was loaded (``sharded_load``): only the report
+        local = sum(local_numel(p) for p in transformer.parameters() if id(p) not in keep)
+        return ShardReport(units=len(blocks) + 1, local_params=local, total_params=total)
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for p in trainable:
         p.data = p.data.to(device)
 
-    keep = {id(p) for p in trainable}
-    total = sum(p.numel() for p in transformer.parameters() if id(p) not in keep)
-    blocks = blocks_of(transformer)
     if not blocks:
         raise ValueError(f"{type(transformer).__name__} has no nn.ModuleList of blocks to shard")
     for block in blocks:
