@@ -4,7 +4,8 @@
 
 On this machine (no accelerator) a run holds everything in host RAM, libraries included, so the plan's
 ``host_gib`` (``qflux plan --json --device cpu``) is compared with the run's peak resident set (``ru_maxrss`` of
-the ``qflux train`` child, from ``os.wait4``). Models, each saved once as a diffusers folder in a temp dir with
+the ``qflux train`` child, from ``os.wait4``; this script imports no torch itself, since a child's ``ru_maxrss``
+includes the parent's pages it was forked with). Models, each saved once as a diffusers folder in a temp dir with
 the ``builtin:tiny`` CLIP, T5 and VAE (so the encoders' widths fit):
 
 - ``tiny``: ``builtin:tiny``'s Kontext transformer (0.9 M parameters);
@@ -101,13 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--models", default="tiny,m100")
     parser.add_argument("--resolutions", default="256,512")
+    parser.add_argument("--build", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.build:
+        build_folder(Path(args.build[1]), args.build[0])
+        return 0
     env = dict(os.environ, OMP_NUM_THREADS="1", QFLUX_TEST_FORK="0")
     rows = []
     with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as root:
         root = Path(root)
         for model in args.models.split(","):
-            folder = build_folder(root / model, model)
+            # built by a child: a child's ru_maxrss counts its parent's pages up to its exec, so this process
+            # must never hold torch or a model
+            folder = root / model
+            subprocess.run([sys.executable, __file__, "--build", model, str(folder)], env=env, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for resolution in (int(r) for r in args.resolutions.split(",")):
                 for ckpt in (False, True):
                     tmp = root / f"{model}-{resolution}-{int(ckpt)}"

@@ -2,7 +2,7 @@
 
 The same layers ``quantize_transformer`` replaces (``select_linears``: Linear layers inside the repeated blocks
 and the input projections, minus ``model.quantize_skip``), and the storage each method gives a weight of
-``out x in`` elements (tests/quant/test_planned_bytes.py compares these with the bytes of a quantized model):
+``out x in`` elements (tests/plan/test_plan.py compares these with the bytes of a quantized model):
 
 - fp8 (``Float8Linear``) and int8 (bitsandbytes ``Linear8bitLt``): 1 byte per weight + a float32 scale per
   output row;
