@@ -60,6 +60,24 @@ def test_declared_activation_coefficients_match_a_real_step(tmp_path, trainer):
         assert inputs.tokens.total == statistics.mode(r.tokens for r in probe.records)
 
 
+@pytest.mark.parametrize("trainer", ["kontext", "qwen-edit-plus"])
+def test_half_precision_coefficients_match_a_bf16_step_under_a_float32_adapter(tmp_path, trainer):
+    """Real runs train a bf16 base under a float32 LoRA: peft keeps a float32 copy of each adapted layer's input,
+    so the coefficients per bf16 byte are ~1.6x the float32 ones (declared apart: ``MemoryProfile.half``).
+    At 256 px, where image tokens dominate the prompt's as in real runs."""
+    pytest.importorskip(TRAINERS[trainer])
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_config(
+        tmp_path, trainer, train={"max_steps": 1, "save_every": 0, "batch_size": 1},
+        data={"num_samples": 2, "holdout": 0, "resolution": 256},
+        model={"pretrained": "builtin:tiny", "dtype": "bfloat16", "lora": {"rank": 4, "alpha": 4}})))
+    probe = probed_step(config, trainer)
+    declared = dict(build_registry().trainer(trainer).info.memory.half)
+    for cls, value in probe.coefficients().items():
+        assert declared[cls] == pytest.approx(value, rel=0.08), cls
+    assert gather(config, build_registry()).ks[0] == declared[gather(config, build_registry()).weights.block_classes[0]]
+
+
 def inputs_of(config, registry):
     return gather(config, registry)
 

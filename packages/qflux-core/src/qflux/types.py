@@ -73,6 +73,10 @@ class MemoryProfile:
 
     activations: tuple[tuple[str, float], ...] = ()
     text_tokens: int = 512
+    # the same for a half-precision base (``model.dtype`` bfloat16/float16, or mixed precision) under the float32
+    # adapter, per byte of the half dtype: peft casts each adapted layer's input to float32 and keeps that copy,
+    # so these are ~1.6x the float32 ones; empty: the float32 coefficients are used
+    half: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class Flux2Variant:
             condition_sizing=ConditionSizing(area=REFERENCE_AREA, multiple=MULTIPLE, shrink_only=True),
             # measured: benchmarks/calibrate_activations.py (builtin:tiny, LoRA on the default targets)
             memory=MemoryProfile(activations=(("Flux2TransformerBlock", 16.8), ("Flux2SingleTransformerBlock", 16.3)),
+                                 half=(("Flux2TransformerBlock", 23.4), ("Flux2SingleTransformerBlock", 20.5)),
                                  text_tokens=512),
         )
 

@@ -42,6 +42,7 @@ INFO = TrainerInfo(
     condition_sizing=CONDITION_SIZING,
     # measured: benchmarks/calibrate_activations.py (builtin:tiny, LoRA on the default targets)
     memory=MemoryProfile(activations=(("FluxTransformerBlock", 12.7), ("FluxSingleTransformerBlock", 12.3)),
+                         half=(("FluxTransformerBlock", 22.0), ("FluxSingleTransformerBlock", 19.5)),
                          text_tokens=512),
 )
 

@@ -62,7 +62,8 @@ class QwenVariant:
             condition_sizing=self.condition_sizing,
             prompt_sees_controls=True,  # Qwen2.5-VL sees the controls: reference dropout encodes each subset
             # measured: benchmarks/calibrate_activations.py; the prompt: the user text + ~190 VL tokens per control
-            memory=MemoryProfile(activations=(("QwenImageTransformerBlock", 12.6),), text_tokens=300),
+            memory=MemoryProfile(activations=(("QwenImageTransformerBlock", 12.6),),
+                                 half=(("QwenImageTransformerBlock", 22.1),), text_tokens=300),
         )
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from qflux.types import MemoryProfile
 
-UNCALIBRATED = 24.0  # a block class no profile names: the largest coefficient measured so far, rounded up
+UNCALIBRATED = 36.0  # a block class no profile names: the largest coefficient measured so far, rounded up
 CHECKPOINTED = 1.0  # a checkpointed block keeps its input: tokens x width (measured: SavedBytesProbe)
 BACKWARD_BLOCKS = 1.0  # backward's working set, in blocks' full activations
 SAMPLING_BLOCKS = 0.5  # an inference forward (no grad) holds about half a block's activations at its peak
@@ -43,9 +43,10 @@ class Tokens:
         return self.target + self.references + self.text
 
 
-def coefficients(profile: MemoryProfile | None, classes: Sequence[str]) -> tuple[list[float], list[str]]:
-    """Each block's coefficient, and the classes the profile does not know (they get ``UNCALIBRATED``)."""
-    known = dict(profile.activations) if profile else {}
+def coefficients(profile: MemoryProfile | None, classes: Sequence[str], half: bool = False) -> tuple[list[float], list[str]]:
+    """Each block's coefficient (``half``: a half-precision base under a float32 adapter, ``MemoryProfile.half``
+    where the profile has them), and the classes the profile does not know (they get ``UNCALIBRATED``)."""
+    known = dict((profile.half or profile.activations) if half else profile.activations) if profile else {}
     missing = sorted({c for c in classes if c not in known})
     return [known.get(c, UNCALIBRATED) for c in classes], missing
 

@@ -138,7 +138,8 @@ def plan(config: QfluxConfig, inputs: Inputs, accelerator: bool, offload_blocks:
     w = inputs.weights
     offload = offload_blocks if offload_blocks is not None else _offload_count(model.offload_blocks, w, accelerator)
     offloaded = sum(w.blocks[:offload])
-    in_flight = 3 * max(w.blocks[:offload], default=0)  # backward: the block, its neighbour, the prefetch
+    # backward: the block, its neighbour, the prefetch (never more than the blocks offloaded)
+    in_flight = min(3, offload) * max(w.blocks[:offload], default=0)
     resident = w.total - offloaded + (in_flight if offload else 0)
     sharded = bool(train.fsdp) and world_size > 1
     if sharded:  # each process holds 1/N of the frozen base; one block is gathered at a time
@@ -233,7 +234,8 @@ def gather(config: QfluxConfig, registry: Registry, transformer: nn.Module | Non
     adapter = registry.adapter(model.adapter)
     params = adapter_numel(transformer, adapter, adapter.options_of(model))
     profile = trainer.info.memory
-    ks, missing = coefficients(profile, weights.block_classes)
+    half = model.dtype != "float32" or config.train.mixed_precision in ("bf16", "fp16")
+    ks, missing = coefficients(profile, weights.block_classes, half)
     tokens, sample_tokens, pixels = plan_tokens(config, trainer, references)
     encoders, vae, vae_width = encoder_bytes(config, trainer)
     return Inputs(weights, plain, params, ks, tokens, sample_tokens, pixels, encoders, vae, vae_width,

@@ -34,5 +34,6 @@ INFO = TrainerInfo(
     needs_controls=False,  # text-to-image and image-conditioned generation are one model
     condition_sizing=ConditionSizing(area=CONDITION_AREA, multiple=SIDE_MULTIPLE),
     prompt_sees_controls=True,
-    memory=MemoryProfile(activations=(("QwenImage21TransformerBlock", 23.3),), text_tokens=300),  # measured: benchmarks/calibrate_activations.py
+    memory=MemoryProfile(activations=(("QwenImage21TransformerBlock", 23.3),),
+                         half=(("QwenImage21TransformerBlock", 34.3),), text_tokens=300),  # measured: benchmarks/calibrate_activations.py
 )
