@@ -65,7 +65,7 @@ ADAPTER_METHODS = methods_of(Adapter, {"options_of"})
 def test_hookspecs_and_methods_are_found() -> None:
     assert set(HOOKSPECS) >= REGISTRATION_HOOKS | CALLBACK_HOOKS | {"qflux_loss"}
     assert {"check", *CAPABILITIES, "scheduler_config"} <= set(TRAINER_STAGES)
-    assert QUANTIZER_METHODS == ["check", "quantize"]
+    assert QUANTIZER_METHODS == ["check", "quantize", "planned_bytes"]
     assert {"check", "attach", "state_dict", "load_state", "export", "load_file"} <= set(ADAPTER_METHODS)
     for fn in HOOKSPECS.values():
         assert isinstance(getattr(fn, "qflux_spec", None), dict), f"{fn.__name__} is not a @hookspec"
