@@ -188,3 +188,39 @@ def test_plan_gib_is_bytes(tmp_path):
     assert result.host_bytes == max(result.phase_total(ph, "host") for ph in result.phases())
     assert torch.float32  # the tiny model plans in float32: no accelerator part
     assert result.accelerator_bytes is None
+
+
+def test_preflight_on_a_gpu_resolves_offload_auto_and_refuses_what_cannot_fit(tmp_path, monkeypatch):
+    """``qflux.plan.check.check_memory`` as it runs on a machine with an accelerator (its availability and free
+    memory stood in for): ``offload_blocks: auto`` becomes the smallest count whose plan fits; a device too small
+    even with every block offloaded is a ``DoesNotFit`` that names what would fit."""
+    pytest.importorskip("qflux_kontext")
+    from diffusers import FluxTransformer2DModel
+
+    import qflux.run.lora_targets as lora_targets
+    from qflux.plan import check
+    from qflux.plan.estimate import RUNTIME_RESERVE
+    from qflux_kontext.tiny import TRANSFORMER_CONFIG
+
+    def deep(config, trainer):  # deeper than builtin:tiny, so that offloading pays (see the test above)
+        with torch.device("meta"):
+            return FluxTransformer2DModel(**dict(TRANSFORMER_CONFIG, num_layers=4, num_single_layers=8))
+
+    monkeypatch.setattr(lora_targets, "meta_transformer", deep)
+    registry = build_registry()
+    config = _config(tmp_path, "kontext", offload_blocks="auto")
+    inputs = gather(config, registry)
+    count = len(inputs.weights.blocks)
+    none_away = plan(config, inputs, True, offload_blocks=0).accelerator_bytes
+    all_away = plan(config, inputs, True, offload_blocks=count).accelerator_bytes
+    assert all_away < none_away
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(check, "free_accelerator_bytes", lambda: RUNTIME_RESERVE + (all_away + none_away) // 2)
+    check.check_memory(config, registry)
+    expected = smallest_offload(config, inputs, (all_away + none_away) // 2, True)
+    assert config.model.offload_blocks == expected and expected > 0
+
+    small = _config(tmp_path / "small", "kontext", offload_blocks="auto")
+    monkeypatch.setattr(check, "free_accelerator_bytes", lambda: RUNTIME_RESERVE + all_away // 2)
+    with pytest.raises(check.DoesNotFit, match="more than the accelerator .* settings that fit"):
+        check.check_memory(small, registry)
