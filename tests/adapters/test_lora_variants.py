@@ -27,20 +27,8 @@ from qflux.adapters.lora_files import attach_lora, export_lora, load_lora_file, 
 from qflux.config.schema import LoraConfig
 from qflux.errors import UserError
 from qflux.plugins import build_registry
-from qflux.testing import single_torch_thread
 
 VARIANTS = {"dora": {"rank": 4, "alpha": 3.0, "dora": True}, "rslora": {"rank": 4, "alpha": 3.0, "rslora": True}}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("variant-cache")
 
 
 @pytest.fixture(scope="module", params=[(v, t) for v in VARIANTS for t in TRAINERS], ids=lambda p: f"{p[0]}-{p[1]}")

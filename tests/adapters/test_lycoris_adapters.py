@@ -43,7 +43,6 @@ from safetensors.torch import load_file
 from qflux.adapters.lycoris import LohaOptions, LokrOptions
 from qflux.errors import ConfigError, UserError
 from qflux.plugins import build_registry
-from qflux.testing import single_torch_thread
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj"]
 SETTINGS = {
@@ -53,17 +52,6 @@ SETTINGS = {
 FACTORS = {"lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"},
            "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}}
 ZERO_AT_INIT = {"lokr": ("lokr_w1", "lokr_w1_a"), "loha": ("hada_w2_b",)}  # peft's default init
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("adapter-cache")
 
 
 @pytest.fixture(scope="module", params=[(k, t) for k in SETTINGS for t in TRAINERS], ids=lambda p: f"{p[0]}-{p[1]}")
