@@ -47,7 +47,7 @@ def build_folder(folder: Path, model: str) -> Path:
     import torch
     from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 
-    from qflux_kontext.tiny import TRANSFORMER_CONFIG, build_tiny_components
+    from qflux_kontext.tiny import build_tiny_components
 
     components = build_tiny_components()
     if model == "m100":
@@ -55,7 +55,6 @@ def build_folder(folder: Path, model: str) -> Path:
         components["transformer"] = FluxTransformer2DModel(**m100_config())
     elif model != "tiny":
         raise SystemExit(f"unknown model {model}")
-    assert TRANSFORMER_CONFIG  # the tiny one is build_tiny_components' own
     FluxKontextPipeline(**components).save_pretrained(folder)
     return folder
 

@@ -161,7 +161,7 @@ def test_plan_json_and_a_budget_that_does_not_fit(tmp_path, run_qflux):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert {"accelerator_gib", "host_gib", "parts"} <= set(data)
-    assert data["accelerator_gib"] > 0 and data["host_gib"] > data["accelerator_gib"] * 0  # host: libraries
+    assert data["accelerator_gib"] > 0 and data["host_gib"] > 0  # host: the libraries at least
     assert {p["phase"] for p in data["parts"]} >= {"load", "train"}
     assert data["budget"]["fits"] is False and data["budget"]["fitting_settings"]
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
@@ -186,7 +186,6 @@ def test_plan_gib_is_bytes(tmp_path):
     result = plan(config, gather(config, registry), False)
     assert result.host_gib == round(result.host_bytes / GiB, 3)
     assert result.host_bytes == max(result.phase_total(ph, "host") for ph in result.phases())
-    assert torch.float32  # the tiny model plans in float32: no accelerator part
     assert result.accelerator_bytes is None
 
 
